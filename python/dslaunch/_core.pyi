@@ -1,0 +1,204 @@
+"""The process supervisor behind dslaunch (a Rust extension).
+
+A `Supervisor` starts many rank processes (each in its own process group, by posix_spawn),
+reaps them through pidfds in one epoll loop, multiplexes their stdout/stderr into prefixed,
+line-atomic console output and per-rank log files, forwards signals, and tears the whole job
+down (grandchildren and escaped sessions included) on the first failure. An orphan guard
+process kills the job if the launcher itself is SIGKILLed. Every process of a job carries
+`DSLAUNCH_RUN_ID=<run_id>` in its environment.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from types import FrameType, TracebackType
+from typing import Literal, final
+
+__all__ = [
+    'RankSpec',
+    'RankResult',
+    'Report',
+    'Supervisor',
+    '_SignalForwarder',
+    'kill_tree',
+    'find_marked',
+    'SupervisorError',
+    'RUN_ID_VAR',
+    '__version__',
+]
+__version__: str
+RUN_ID_VAR: str
+
+_StrPath = str | os.PathLike[str]
+
+class SupervisorError(RuntimeError):
+    """The supervisor was used in the wrong order (started twice, waited on before start)."""
+
+@final
+class RankSpec:
+    """One rank to start.
+
+    Args:
+        argv: Program and arguments; `argv[0]` is looked up in the rank's PATH unless it has a `/`.
+        env: Variables set for this rank on top of the supervisor's base environment.
+        cwd: Working directory (default: the launcher's).
+        log_file: A file that receives the rank's stdout and stderr merged (truncated first).
+        tag: The label in the console prefix (default: the rank's index).
+        console: Whether the rank's lines are shown on the console.
+    """
+
+    def __new__(
+        cls,
+        argv: Sequence[_StrPath],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: _StrPath | None = None,
+        log_file: _StrPath | None = None,
+        tag: str | None = None,
+        console: bool = True,
+    ) -> RankSpec: ...
+    @property
+    def argv(self) -> list[str]: ...
+    @property
+    def env(self) -> dict[str, str]: ...
+    @property
+    def cwd(self) -> str | None: ...
+    @property
+    def log_file(self) -> str | None: ...
+    @property
+    def tag(self) -> str: ...
+    @property
+    def console(self) -> bool: ...
+
+@final
+class RankResult:
+    """One rank's state, live (`Supervisor.status()`) or final (`Report.ranks`).
+
+    `state` is 'running', 'exited' (code 0), 'failed' (non-zero code) or 'killed' (by a
+    signal). `returncode` follows `subprocess` (-N for signal N); `exit_status` the shell
+    (128+N). Times are Unix timestamps. `stderr_tail` holds the rank's last stderr lines.
+    """
+
+    rank: int
+    tag: str
+    pid: int
+    state: Literal['running', 'exited', 'failed', 'killed']
+    returncode: int | None
+    signal: int | None
+    exit_status: int | None
+    started_at: float
+    ended_at: float | None
+    last_output_at: float | None
+    output_bytes: int
+    output_lines: int
+    stderr_tail: list[str]
+    log_error: str | None
+
+@final
+class Report:
+    """The outcome of a job.
+
+    `returncode` is 0 on success; else the root-cause rank's exit status (128+N for a death by
+    signal N), or 128+N when signal N stopped the job. `first_failure` is the root cause: the
+    first rank seen failing before any teardown began. `stopped` is true when the caller
+    terminated or killed the job. `leftovers_killed` counts processes outside the rank groups
+    (escaped or left behind) that the supervisor had to kill.
+    """
+
+    run_id: str
+    ranks: list[RankResult]
+    first_failure: RankResult | None
+    interrupted_by: int | None
+    stopped: bool
+    returncode: int
+    started_at: float
+    ended_at: float | None
+    leftovers_killed: int
+    @property
+    def success(self) -> bool: ...
+    @property
+    def wall_time(self) -> float | None: ...
+
+@final
+class _SignalForwarder:
+    def __call__(self, signum: int, frame: FrameType | None, /) -> None: ...
+
+@final
+class Supervisor:
+    """Starts, watches, signals and tears down a set of ranks.
+
+    Args:
+        ranks: The ranks, in rank order.
+        env: The base environment of every rank (default: the launcher's own).
+        prefix: Console prefix template, `{tag}` and `{rank}` substituted; None for raw lines.
+        console_ranks: Only these rank indices are shown on the console (default: all).
+        grace_period: Seconds between the polite signal and SIGKILL when tearing down.
+        forward_signals: Signals of the launcher forwarded to every rank's process group while
+            the job runs (default SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2; handlers are
+            installed by `start()` on the main thread and restored when the job is over).
+            SIGINT, SIGTERM and SIGHUP also end the job; a second one kills at once.
+        fail_fast: Tear the job down when one rank exits non-zero or dies by a signal.
+        stderr_tail: How many of each rank's last stderr lines to keep.
+        orphan_guard: Start the guard process that kills the job if the launcher is SIGKILLed.
+        kill_leftovers: When every rank has exited, end what they left running.
+        run_id: The job's id (default: a random one).
+        max_line_bytes: Longer lines reach the console in pieces of this size.
+        stdout_fd: Where the ranks' stdout goes (default 1).
+        stderr_fd: Where the ranks' stderr goes (default 2).
+    """
+
+    def __new__(
+        cls,
+        ranks: Sequence[RankSpec],
+        *,
+        env: Mapping[str, str] | None = None,
+        prefix: str | None = '[{tag}]: ',
+        console_ranks: Sequence[int] | None = None,
+        grace_period: float = 30.0,
+        forward_signals: Sequence[int] | None = None,
+        fail_fast: bool = True,
+        stderr_tail: int = 20,
+        orphan_guard: bool = True,
+        kill_leftovers: bool = True,
+        run_id: str | None = None,
+        max_line_bytes: int = 65536,
+        stdout_fd: int = 1,
+        stderr_fd: int = 2,
+    ) -> Supervisor: ...
+    def start(self) -> None:
+        """Starts every rank; raises OSError if one cannot start, after killing those started."""
+    def wait(self, timeout: float | None = None) -> Report | None:
+        """Waits with the GIL released until the job is over; None if `timeout` passed first."""
+    def poll(self) -> Report | None:
+        """The report if the job is over, else None. Never blocks."""
+    def status(self) -> list[RankResult]:
+        """Every rank's state now. Never blocks."""
+    def send_signal(self, signal: int) -> None:
+        """Forwards a signal to every running rank's group (as if the launcher received it)."""
+    def terminate(self, grace_period: float | None = None, signal: int = 15) -> None:
+        """Begins stopping the job: `signal` now, SIGKILL after the grace period. Returns at once."""
+    def kill(self) -> None:
+        """SIGKILLs every rank tree now. Returns at once."""
+    def run(self) -> Report:
+        """`start()` then `wait()`."""
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def pids(self) -> list[int]: ...
+    @property
+    def done(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def __enter__(self) -> Supervisor: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> bool: ...
+
+def kill_tree(pid: int, grace_period: float = 5.0) -> int:
+    """Kills `pid` and all its descendants (setsid and double-forked ones included): SIGTERM,
+    then SIGKILL after `grace_period`. Returns how many processes were signalled."""
+
+def find_marked(marker: str) -> list[int]:
+    """Pids of every live process whose environment holds the entry `marker` (`NAME=VALUE`)."""

@@ -1,0 +1,48 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad hostfile, a bad filter, a garbage ``--world_info``) is a
+``DslaunchError``; the CLI prints ``<prog>: error: <message>`` on one line and exits non-zero,
+never with a traceback. Each class also subclasses the builtin a caller would naturally catch.
+"""
+
+
+class DslaunchError(Exception):
+    """Base class for errors the CLI reports on one line."""
+
+    exit_code = 1
+
+
+class HostfileError(DslaunchError, ValueError):
+    """The hostfile is malformed (bad entry, duplicate host, no hosts)."""
+
+
+class ResourceFilterError(DslaunchError, ValueError):
+    """``--include``/``--exclude``/``--num_nodes``/``--num_gpus`` cannot be applied."""
+
+
+class WorldInfoError(DslaunchError, ValueError):
+    """``--world_info`` cannot be decoded or does not fit ``--node_rank``."""
+
+
+class LauncherError(DslaunchError, RuntimeError):
+    """A launcher/backend problem: unknown name, binary missing, host unreachable, port taken."""
+
+
+class UnknownLauncherError(LauncherError, NotImplementedError):
+    """``--launcher`` names no backend dslaunch knows (DeepSpeed raises NotImplementedError)."""
+
+
+class UsageError(DslaunchError, ValueError):
+    """Flags that cannot be combined, or a flag value outside what the launcher supports."""
+
+
+class CoreBindingError(DslaunchError, ValueError):
+    """``--bind_cores_to_rank``/``--bind_core_list`` cannot be honoured."""
+
+
+class EnvFileError(DslaunchError, ValueError):
+    """A ``.deepspeed_env`` (or ``$DS_ENV_FILE``) line is not ``KEY=VALUE``."""
+
+
+class EnvMappingError(DslaunchError, OSError):
+    """The MPI/Slurm environment does not say which rank this process is (an OSError, as in DeepSpeed)."""

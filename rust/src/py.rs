@@ -1,0 +1,622 @@
+//! The Python classes of `dslaunch._core`: owned data is extracted first, then the GIL is
+//! released around anything that blocks (spawning, waiting).
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::error::{CoreError, SupervisorError};
+use crate::supervisor::{Command, Config, JobState, RankConfig, RankInfo, Supervisor};
+use crate::{reap, signals, tree};
+
+fn unix_time(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Any mapping (a dict, `os.environ`) as owned key/value pairs.
+fn extract_env(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(OsString, OsString)>> {
+    let dict = match obj.cast::<PyDict>() {
+        Ok(d) => d.clone(),
+        Err(_) => PyDict::from_sequence(&obj.call_method0("items")?)?,
+    };
+    dict.iter().map(|(k, v)| Ok((k.extract::<PathBuf>()?.into_os_string(), v.extract::<PathBuf>()?.into_os_string()))).collect()
+}
+
+fn new_run_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|s| s.trim().replace('-', ""))
+        .unwrap_or_else(|_| format!("{:x}{:x}", std::process::id(), unix_time(SystemTime::now()).to_bits()))
+}
+
+/// One rank to start: its argv, extra environment, working directory, log file and tag.
+#[pyclass(module = "dslaunch._core", name = "RankSpec", frozen)]
+pub struct PyRankSpec {
+    cfg: RankConfig,
+}
+
+#[pymethods]
+impl PyRankSpec {
+    #[new]
+    #[pyo3(signature = (argv, *, env=None, cwd=None, log_file=None, tag=None, console=true))]
+    fn new(
+        argv: Vec<PathBuf>,
+        env: Option<&Bound<'_, PyAny>>,
+        cwd: Option<PathBuf>,
+        log_file: Option<PathBuf>,
+        tag: Option<String>,
+        console: bool,
+    ) -> PyResult<Self> {
+        if argv.is_empty() {
+            return Err(PyValueError::new_err("argv must not be empty"));
+        }
+        let env = match env {
+            Some(e) => extract_env(e)?,
+            None => Vec::new(),
+        };
+        Ok(PyRankSpec {
+            cfg: RankConfig {
+                argv: argv.into_iter().map(PathBuf::into_os_string).collect(),
+                env,
+                cwd,
+                log_file,
+                tag: tag.unwrap_or_default(),
+                console,
+            },
+        })
+    }
+
+    /// The argument vector.
+    #[getter]
+    fn argv(&self) -> Vec<PathBuf> {
+        self.cfg.argv.iter().map(PathBuf::from).collect()
+    }
+
+    /// Extra environment variables for this rank.
+    #[getter]
+    fn env<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in &self.cfg.env {
+            d.set_item(PathBuf::from(k), PathBuf::from(v))?;
+        }
+        Ok(d)
+    }
+
+    /// Working directory, or None.
+    #[getter]
+    fn cwd(&self) -> Option<PathBuf> {
+        self.cfg.cwd.clone()
+    }
+
+    /// Per-rank log file, or None.
+    #[getter]
+    fn log_file(&self) -> Option<PathBuf> {
+        self.cfg.log_file.clone()
+    }
+
+    /// Label used in the console prefix.
+    #[getter]
+    fn tag(&self) -> String {
+        self.cfg.tag.clone()
+    }
+
+    /// Whether this rank's lines are shown on the console.
+    #[getter]
+    fn console(&self) -> bool {
+        self.cfg.console
+    }
+
+    fn __repr__(&self) -> String {
+        format!("RankSpec(argv={:?}, tag={:?})", self.cfg.argv, self.cfg.tag)
+    }
+}
+
+/// One rank's state: live (from `Supervisor.status()`) or final (in a `Report`).
+#[pyclass(module = "dslaunch._core", name = "RankResult", frozen, get_all)]
+pub struct PyRankResult {
+    rank: usize,
+    tag: String,
+    pid: i32,
+    state: &'static str,
+    returncode: Option<i32>,
+    signal: Option<i32>,
+    exit_status: Option<i32>,
+    started_at: f64,
+    ended_at: Option<f64>,
+    last_output_at: Option<f64>,
+    output_bytes: u64,
+    output_lines: u64,
+    stderr_tail: Vec<String>,
+    log_error: Option<String>,
+}
+
+impl PyRankResult {
+    fn from_info(rank: usize, r: &RankInfo) -> Self {
+        let (returncode, signal, exit_status) = match r.status {
+            Some(s) => (
+                Some(s.returncode()),
+                match s {
+                    reap::ExitStatus::Signal(n) => Some(n),
+                    reap::ExitStatus::Code(_) => None,
+                },
+                Some(s.shell_code()),
+            ),
+            None => (None, None, None),
+        };
+        let state = match r.status {
+            None => "running",
+            Some(reap::ExitStatus::Code(0)) => "exited",
+            Some(reap::ExitStatus::Code(_)) => "failed",
+            Some(reap::ExitStatus::Signal(_)) => "killed",
+        };
+        PyRankResult {
+            rank,
+            tag: r.tag.clone(),
+            pid: r.pid,
+            state,
+            returncode,
+            signal,
+            exit_status,
+            started_at: unix_time(r.started_at),
+            ended_at: r.ended_at.map(unix_time),
+            last_output_at: r.last_output_at.map(unix_time),
+            output_bytes: r.output_bytes,
+            output_lines: r.output_lines,
+            stderr_tail: r.stderr_tail.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect(),
+            log_error: r.log_error.clone(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyRankResult {
+    fn __repr__(&self) -> String {
+        let rc = self.returncode.map_or_else(|| "None".to_owned(), |c| c.to_string());
+        format!("RankResult(rank={}, pid={}, state={:?}, returncode={rc})", self.rank, self.pid, self.state)
+    }
+}
+
+/// The outcome of a job.
+#[pyclass(module = "dslaunch._core", name = "Report", frozen, get_all)]
+pub struct PyReport {
+    run_id: String,
+    ranks: Vec<Py<PyRankResult>>,
+    first_failure: Option<Py<PyRankResult>>,
+    interrupted_by: Option<i32>,
+    stopped: bool,
+    returncode: i32,
+    started_at: f64,
+    ended_at: Option<f64>,
+    leftovers_killed: usize,
+}
+
+impl PyReport {
+    fn from_state(py: Python<'_>, run_id: &str, st: &JobState) -> PyResult<Self> {
+        let ranks: Vec<Py<PyRankResult>> = st
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Py::new(py, PyRankResult::from_info(i, r)))
+            .collect::<PyResult<_>>()?;
+        let first_failure = st.first_failure.map(|i| ranks[i].clone_ref(py));
+        Ok(PyReport {
+            run_id: run_id.to_owned(),
+            first_failure,
+            ranks,
+            interrupted_by: st.interrupted_by,
+            stopped: st.stopped,
+            returncode: st.exit_code(),
+            started_at: unix_time(st.started_at),
+            ended_at: st.ended_at.map(unix_time),
+            leftovers_killed: st.leftovers_killed,
+        })
+    }
+}
+
+#[pymethods]
+impl PyReport {
+    /// True when every rank exited 0 and nothing stopped the job.
+    #[getter]
+    fn success(&self) -> bool {
+        self.returncode == 0
+    }
+
+    /// Seconds from start to end.
+    #[getter]
+    fn wall_time(&self) -> Option<f64> {
+        self.ended_at.map(|e| e - self.started_at)
+    }
+
+    fn __repr__(&self) -> String {
+        let by = self.interrupted_by.map_or_else(|| "None".to_owned(), |s| s.to_string());
+        format!("Report(returncode={}, ranks={}, interrupted_by={by})", self.returncode, self.ranks.len())
+    }
+}
+
+/// Calls back into the supervisor from a Python signal handler.
+#[pyclass(module = "dslaunch._core", name = "_SignalForwarder", frozen)]
+pub struct SignalForwarder {
+    owner: Py<PySupervisor>,
+}
+
+#[pymethods]
+impl SignalForwarder {
+    fn __call__(&self, py: Python<'_>, signum: i32, _frame: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let owner = self.owner.bind(py).get();
+        let handle = owner.handle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match handle {
+            Some(sup) if !sup.is_done() => {
+                sup.send(Command::Signal(signum));
+                Ok(())
+            }
+            _ => {
+                // The job is over: give the signal back to whoever had it before us.
+                let previous = owner.previous_handler(py, signum);
+                owner.restore_handlers(py);
+                let signal = py.import("signal")?;
+                match previous {
+                    Some(h) if h.bind(py).is_callable() => h.bind(py).call1((signum, _frame)).map(|_| ()),
+                    Some(h) if h.bind(py).eq(signal.getattr("SIG_IGN")?)? => Ok(()),
+                    _ => signal.call_method1("raise_signal", (signum,)).map(|_| ()),
+                }
+            }
+        }
+    }
+}
+
+/// Starts, watches, signals and tears down a set of ranks; see `_core.pyi` for the contract.
+#[pyclass(module = "dslaunch._core", name = "Supervisor", frozen)]
+pub struct PySupervisor {
+    config: Mutex<Option<Config>>,
+    handle: Mutex<Option<Supervisor>>,
+    forward: Vec<i32>,
+    saved: Mutex<Vec<(i32, Py<PyAny>)>>,
+    wake_r: OwnedFd,
+    wake_w: OwnedFd,
+    run_id: String,
+    n_ranks: usize,
+}
+
+impl PySupervisor {
+    fn handle(&self) -> PyResult<Supervisor> {
+        self.handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| SupervisorError::new_err("the supervisor has not been started"))
+    }
+
+    fn previous_handler(&self, py: Python<'_>, signum: i32) -> Option<Py<PyAny>> {
+        let saved = self.saved.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        saved.iter().find(|(s, _)| *s == signum).map(|(_, h)| h.clone_ref(py))
+    }
+
+    fn restore_handlers(&self, py: Python<'_>) {
+        let saved = std::mem::take(&mut *self.saved.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if saved.is_empty() {
+            return;
+        }
+        if let Ok(signal) = py.import("signal") {
+            for (sig, handler) in saved {
+                let _ = signal.call_method1("signal", (sig, handler));
+            }
+        }
+    }
+
+    fn report(&self, py: Python<'_>, sup: &Supervisor) -> PyResult<Py<PyReport>> {
+        let st = sup.state();
+        Py::new(py, PyReport::from_state(py, &self.run_id, &st)?)
+    }
+}
+
+fn is_main_thread(py: Python<'_>) -> PyResult<bool> {
+    let threading = py.import("threading")?;
+    let current = threading.call_method0("current_thread")?;
+    let main = threading.call_method0("main_thread")?;
+    current.is(&main).then_some(true).map_or(Ok(false), Ok)
+}
+
+#[pymethods]
+impl PySupervisor {
+    #[new]
+    #[pyo3(signature = (
+        ranks, *, env=None, prefix=Some("[{tag}]: ".to_owned()), console_ranks=None, grace_period=30.0,
+        forward_signals=None, fail_fast=true, stderr_tail=20, orphan_guard=true, kill_leftovers=true,
+        run_id=None, max_line_bytes=65536, stdout_fd=1, stderr_fd=2
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ranks: Vec<PyRef<'_, PyRankSpec>>,
+        env: Option<&Bound<'_, PyAny>>,
+        prefix: Option<String>,
+        console_ranks: Option<Vec<usize>>,
+        grace_period: f64,
+        forward_signals: Option<Vec<i32>>,
+        fail_fast: bool,
+        stderr_tail: usize,
+        orphan_guard: bool,
+        kill_leftovers: bool,
+        run_id: Option<String>,
+        max_line_bytes: usize,
+        stdout_fd: i32,
+        stderr_fd: i32,
+    ) -> PyResult<Self> {
+        if !(grace_period.is_finite() && grace_period >= 0.0) {
+            return Err(PyValueError::new_err("grace_period must be a non-negative number of seconds"));
+        }
+        let forward = forward_signals
+            .unwrap_or_else(|| vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2]);
+        if let Some(bad) = forward.iter().find(|s| !signals::is_valid(**s) || **s == libc::SIGKILL || **s == libc::SIGSTOP) {
+            return Err(PyValueError::new_err(format!("cannot forward signal {bad}")));
+        }
+        let mut rank_cfgs: Vec<RankConfig> = ranks.iter().map(|r| r.cfg.clone()).collect();
+        for (i, r) in rank_cfgs.iter_mut().enumerate() {
+            if r.tag.is_empty() {
+                r.tag = i.to_string();
+            }
+            if let Some(shown) = &console_ranks {
+                r.console = r.console && shown.contains(&i);
+            }
+        }
+        let run_id = run_id.unwrap_or_else(new_run_id);
+        if run_id.is_empty() || run_id.contains(['\0', '\n']) {
+            return Err(PyValueError::new_err("run_id must be a non-empty single-line string"));
+        }
+        let base_env = match env {
+            Some(e) => Some(extract_env(e)?),
+            None => None,
+        };
+        let n_ranks = rank_cfgs.len();
+        let config = Config {
+            ranks: rank_cfgs,
+            base_env,
+            prefix,
+            grace: Duration::from_secs_f64(grace_period),
+            fail_fast,
+            stderr_tail,
+            orphan_guard,
+            subreaper: true,
+            kill_leftovers,
+            run_id: run_id.clone(),
+            max_line: max_line_bytes.max(1),
+            stdout_fd,
+            stderr_fd,
+        };
+        let (wake_r, wake_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
+            .map_err(|e| PyErr::from(CoreError::Io(e.into())))?;
+        Ok(PySupervisor {
+            config: Mutex::new(Some(config)),
+            handle: Mutex::new(None),
+            forward,
+            saved: Mutex::new(Vec::new()),
+            wake_r,
+            wake_w,
+            run_id,
+            n_ranks,
+        })
+    }
+
+    /// Starts every rank. Raises OSError (FileNotFoundError, PermissionError, ...) if one cannot
+    /// be started, after killing those already started.
+    fn start(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let cfg = this
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| SupervisorError::new_err("the supervisor was already started"))?;
+        // Flush Python's own buffered output first so it is not overtaken by the ranks'.
+        for stream in ["stdout", "stderr"] {
+            if let Ok(s) = py.import("sys")?.getattr(stream) {
+                let _ = s.call_method0("flush");
+            }
+        }
+        let sup = py.detach(|| Supervisor::start(cfg))?;
+        *this.handle.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sup);
+        if !this.forward.is_empty() && is_main_thread(py)? {
+            let signal = py.import("signal")?;
+            let forwarder = Py::new(py, SignalForwarder { owner: slf.clone().unbind() })?;
+            let mut saved = Vec::new();
+            for &sig in &this.forward {
+                let old = signal.call_method1("signal", (sig, forwarder.clone_ref(py)))?;
+                saved.push((sig, old.unbind()));
+            }
+            *this.saved.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = saved;
+        }
+        Ok(())
+    }
+
+    /// Waits for the job to end (or `timeout` seconds) with the GIL released; signals are
+    /// handled while waiting. Returns the report, or None on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyReport>>> {
+        let sup = self.handle()?;
+        let main = is_main_thread(py)?;
+        let signal = py.import("signal")?;
+        let old_wakeup = if main {
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("warn_on_full_buffer", false)?;
+            Some(signal.call_method("set_wakeup_fd", (self.wake_w.as_raw_fd(),), Some(&kwargs))?)
+        } else {
+            None
+        };
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let outcome: PyResult<bool> = loop {
+            let wake_r = self.wake_r.as_fd();
+            py.detach(|| {
+                let step = deadline.map_or(Duration::from_millis(250), |d| {
+                    d.saturating_duration_since(Instant::now()).min(Duration::from_millis(250))
+                });
+                let done_fd = sup.done_fd();
+                let mut fds = [
+                    rustix::event::PollFd::new(&done_fd, rustix::event::PollFlags::IN),
+                    rustix::event::PollFd::new(&wake_r, rustix::event::PollFlags::IN),
+                ];
+                let ts = rustix::event::Timespec::try_from(step).ok();
+                let _ = rustix::event::poll(&mut fds, ts.as_ref());
+                let mut sink = [0u8; 64];
+                while matches!(rustix::io::read(wake_r, &mut sink), Ok(n) if n > 0) {}
+            });
+            if let Err(e) = py.check_signals() {
+                break Err(e);
+            }
+            if sup.is_done() {
+                break Ok(true);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break Ok(false);
+            }
+        };
+        if let Some(old) = old_wakeup {
+            let _ = signal.call_method1("set_wakeup_fd", (old,));
+        }
+        match outcome? {
+            true => {
+                py.detach(|| sup.wait_timeout(None));
+                if main {
+                    self.restore_handlers(py);
+                }
+                Ok(Some(self.report(py, &sup)?))
+            }
+            false => Ok(None),
+        }
+    }
+
+    /// The report if the job is over, else None; never blocks.
+    fn poll(&self, py: Python<'_>) -> PyResult<Option<Py<PyReport>>> {
+        let sup = self.handle()?;
+        if !sup.is_done() {
+            return Ok(None);
+        }
+        py.detach(|| sup.wait_timeout(None));
+        if is_main_thread(py)? {
+            self.restore_handlers(py);
+        }
+        Ok(Some(self.report(py, &sup)?))
+    }
+
+    /// Every rank's state now (pid, state, exit status, last output time, ...); never blocks.
+    fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let sup = self.handle()?;
+        let items: Vec<PyRankResult> =
+            sup.with_state(|st| st.ranks.iter().enumerate().map(|(i, r)| PyRankResult::from_info(i, r)).collect());
+        let objs: Vec<Py<PyRankResult>> = items.into_iter().map(|r| Py::new(py, r)).collect::<PyResult<_>>()?;
+        PyList::new(py, objs)
+    }
+
+    /// Forwards `signal` to every running rank's process group, as if the launcher had received
+    /// it (SIGINT, SIGTERM and SIGHUP also end the job).
+    fn send_signal(&self, signal: i32) -> PyResult<()> {
+        if !signals::is_valid(signal) {
+            return Err(PyValueError::new_err(format!("invalid signal {signal}")));
+        }
+        self.handle()?.send(Command::Signal(signal));
+        Ok(())
+    }
+
+    /// Begins stopping the job: `signal` to every rank tree now, SIGKILL after `grace_period`.
+    /// Returns at once; `wait()` for the report.
+    #[pyo3(signature = (grace_period=None, signal=15))]
+    fn terminate(&self, grace_period: Option<f64>, signal: i32) -> PyResult<()> {
+        if !signals::is_valid(signal) {
+            return Err(PyValueError::new_err(format!("invalid signal {signal}")));
+        }
+        let grace = grace_period.map(|g| Duration::from_secs_f64(g.max(0.0)));
+        self.handle()?.send(Command::Terminate { sig: signal, grace });
+        Ok(())
+    }
+
+    /// SIGKILLs every rank tree now. Returns at once.
+    fn kill(&self) -> PyResult<()> {
+        self.handle()?.send(Command::Kill);
+        Ok(())
+    }
+
+    /// Starts the ranks and waits for them: `start()` then `wait()`.
+    fn run(slf: &Bound<'_, Self>) -> PyResult<Py<PyReport>> {
+        Self::start(slf)?;
+        let report = slf.get().wait(slf.py(), None)?;
+        report.ok_or_else(|| SupervisorError::new_err("wait returned without a report"))
+    }
+
+    /// The job's id: the value of DSLAUNCH_RUN_ID in every rank's environment.
+    #[getter]
+    fn run_id(&self) -> String {
+        self.run_id.clone()
+    }
+
+    /// The ranks' pids in rank order (empty before start).
+    #[getter]
+    fn pids(&self) -> Vec<i32> {
+        self.handle().map(|s| s.pids().to_vec()).unwrap_or_default()
+    }
+
+    /// Whether the job is over.
+    #[getter]
+    fn done(&self) -> bool {
+        self.handle().is_ok_and(|s| s.is_done())
+    }
+
+    fn __len__(&self) -> usize {
+        self.n_ranks
+    }
+
+    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        if slf.get().handle().is_err() {
+            Self::start(slf)?;
+        }
+        Ok(slf.clone().unbind())
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        if let Ok(sup) = self.handle() {
+            if !sup.is_done() {
+                sup.send(Command::Terminate { sig: libc::SIGTERM, grace: None });
+            }
+            py.detach(|| sup.wait_timeout(None));
+        }
+        self.restore_handlers(py);
+        Ok(false)
+    }
+}
+
+/// Kills `pid` and every descendant (setsid and double-forked ones included): SIGTERM, then
+/// SIGKILL after `grace_period` seconds. Returns how many processes were signalled.
+#[pyfunction]
+#[pyo3(signature = (pid, grace_period=5.0))]
+fn kill_tree(py: Python<'_>, pid: i32, grace_period: f64) -> PyResult<usize> {
+    if pid <= 1 || pid == std::process::id() as i32 {
+        return Err(PyValueError::new_err(format!("refusing to kill the tree of pid {pid}")));
+    }
+    let grace = Duration::from_secs_f64(grace_period.max(0.0));
+    Ok(py.detach(|| tree::kill_tree(pid, grace)))
+}
+
+/// Pids of every live process whose environment holds `NAME=VALUE` exactly (the job marker).
+#[pyfunction]
+fn find_marked(py: Python<'_>, marker: String) -> Vec<i32> {
+    py.detach(|| tree::marked_processes(marker.as_bytes()))
+}
+
+/// Registers the module's contents (called from `lib.rs`).
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyRankSpec>()?;
+    m.add_class::<PyRankResult>()?;
+    m.add_class::<PyReport>()?;
+    m.add_class::<PySupervisor>()?;
+    m.add_class::<SignalForwarder>()?;
+    m.add_function(wrap_pyfunction!(kill_tree, m)?)?;
+    m.add_function(wrap_pyfunction!(find_marked, m)?)?;
+    m.add("SupervisorError", m.py().get_type::<SupervisorError>())?;
+    m.add("RUN_ID_VAR", crate::supervisor::RUN_ID_VAR)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,1010 @@
+//! The supervisor: starts every rank, then one thread runs one epoll loop over every rank's
+//! stdout, stderr and pidfd. It multiplexes output, reaps exits as they happen, tears the job
+//! down on the first failure or a forwarded signal, and publishes a state snapshot that callers
+//! read without blocking (status for dashboards and the elastic agent, the report at the end).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::error::{CoreError, CoreResult};
+use crate::logmux::{Ending, LineSplitter, Sink, HIGH_WATER};
+use crate::reap::{self, ExitStatus};
+use crate::spawn::{self, SpawnRequest};
+use crate::watchdog::Watchdog;
+use crate::{signals, tree};
+
+/// The environment variable that tags every process of a job (ranks and their descendants).
+pub const RUN_ID_VAR: &str = "DSLAUNCH_RUN_ID";
+
+/// One rank to start.
+#[derive(Debug, Clone, Default)]
+pub struct RankConfig {
+    /// Program and arguments.
+    pub argv: Vec<OsString>,
+    /// Variables set for this rank on top of the job's base environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory (default: the launcher's).
+    pub cwd: Option<PathBuf>,
+    /// A file that receives the rank's stdout and stderr, merged in the order they were read.
+    pub log_file: Option<PathBuf>,
+    /// The label in the console prefix (usually the global rank).
+    pub tag: String,
+    /// Whether the rank's lines go to the console.
+    pub console: bool,
+}
+
+/// How to run the job.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The ranks, in rank order.
+    pub ranks: Vec<RankConfig>,
+    /// The base environment of every rank; `None` inherits the launcher's.
+    pub base_env: Option<Vec<(OsString, OsString)>>,
+    /// Console prefix template (`{rank}` = index, `{tag}` = the rank's tag); `None` for raw lines.
+    pub prefix: Option<String>,
+    /// Time between the polite signal and SIGKILL when tearing down.
+    pub grace: Duration,
+    /// Tear everything down when one rank fails.
+    pub fail_fast: bool,
+    /// How many of each rank's last stderr lines to keep for the report.
+    pub stderr_tail: usize,
+    /// Start the orphan guard (`watchdog.rs`).
+    pub orphan_guard: bool,
+    /// Become a child subreaper so descendants orphaned inside the job stay ours to find.
+    pub subreaper: bool,
+    /// When every rank has exited, end what they left running in the background.
+    pub kill_leftovers: bool,
+    /// The job's id, the value of `DSLAUNCH_RUN_ID` in every rank.
+    pub run_id: String,
+    /// Lines longer than this are written to the console in pieces.
+    pub max_line: usize,
+    /// Our stdout and stderr (normally 1 and 2).
+    pub stdout_fd: RawFd,
+    /// See `stdout_fd`.
+    pub stderr_fd: RawFd,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ranks: Vec::new(),
+            base_env: None,
+            prefix: Some("[{tag}]: ".into()),
+            grace: Duration::from_secs(30),
+            fail_fast: true,
+            stderr_tail: 20,
+            orphan_guard: true,
+            subreaper: true,
+            kill_leftovers: true,
+            run_id: String::new(),
+            max_line: 64 * 1024,
+            stdout_fd: 1,
+            stderr_fd: 2,
+        }
+    }
+}
+
+/// What the caller can ask of a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// A signal the launcher received: forwarded to every rank's group. SIGINT, SIGTERM and
+    /// SIGHUP also end the job (SIGKILL after the grace period; a second one kills at once).
+    Signal(i32),
+    /// Stop the job: `sig` to every rank tree, SIGKILL after `grace` (default: the config's).
+    Terminate {
+        /// The polite signal.
+        sig: i32,
+        /// Overrides the configured grace period.
+        grace: Option<Duration>,
+    },
+    /// SIGKILL every rank tree now.
+    Kill,
+}
+
+/// A rank as the caller sees it.
+#[derive(Debug, Clone)]
+pub struct RankInfo {
+    /// Its pid (and process group id).
+    pub pid: i32,
+    /// Its label.
+    pub tag: String,
+    /// When it was started.
+    pub started_at: SystemTime,
+    /// When its exit was seen.
+    pub ended_at: Option<SystemTime>,
+    /// How it ended, once it has.
+    pub status: Option<ExitStatus>,
+    /// When it last wrote anything.
+    pub last_output_at: Option<SystemTime>,
+    /// Bytes it wrote (stdout and stderr).
+    pub output_bytes: u64,
+    /// Lines (segments) it wrote.
+    pub output_lines: u64,
+    /// Its last stderr lines, oldest first, without line endings.
+    pub stderr_tail: VecDeque<Vec<u8>>,
+    /// Why its log file stopped being written, if it did.
+    pub log_error: Option<String>,
+}
+
+/// The job as the caller sees it: a snapshot, updated by the loop after every batch of events.
+#[derive(Debug, Clone)]
+pub struct JobState {
+    /// Every rank, in rank order.
+    pub ranks: Vec<RankInfo>,
+    /// The root cause: the first rank seen failing before any teardown began.
+    pub first_failure: Option<usize>,
+    /// The terminating signal that ended the job, if one did.
+    pub interrupted_by: Option<i32>,
+    /// The caller asked for the stop (terminate/kill).
+    pub stopped: bool,
+    /// Everything is reaped, output drained, the job is over.
+    pub done: bool,
+    /// When the job started.
+    pub started_at: SystemTime,
+    /// When it ended.
+    pub ended_at: Option<SystemTime>,
+    /// Processes the ranks left behind that were killed at the end (or during teardown).
+    pub leftovers_killed: usize,
+}
+
+impl JobState {
+    /// The shell-convention status of the job: 0 on success; the root-cause rank's code (128+N
+    /// for a death by signal N); 128+N for a job ended by signal N; never 0 if anything failed.
+    pub fn exit_code(&self) -> i32 {
+        if let Some(r) = self.first_failure {
+            let code = self.ranks[r].status.map_or(1, ExitStatus::shell_code);
+            return if code == 0 { 1 } else { code };
+        }
+        if let Some(sig) = self.interrupted_by {
+            return 128 + sig;
+        }
+        let failed = self.ranks.iter().filter_map(|r| r.status).find(|s| !s.success());
+        match failed {
+            Some(s) if s.shell_code() != 0 => s.shell_code(),
+            Some(_) => 1,
+            None => 0,
+        }
+    }
+}
+
+struct Shared {
+    state: Mutex<JobState>,
+    commands: Mutex<Vec<Command>>,
+    done_r: OwnedFd,
+    done_w: OwnedFd,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    waker: Waker,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    run_id: String,
+    pids: Vec<i32>,
+}
+
+/// A running job. Cheap to clone; the last handle dropped while the job still runs kills it.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+const WAKER: Token = Token(usize::MAX);
+const OUT_WRITABLE: Token = Token(usize::MAX - 1);
+const ERR_WRITABLE: Token = Token(usize::MAX - 2);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Supervisor {
+    /// Starts every rank (in the calling thread) and the loop thread. On a spawn failure the
+    /// ranks already started are killed and reaped before the error is returned.
+    pub fn start(cfg: Config) -> CoreResult<Supervisor> {
+        if cfg.run_id.is_empty() {
+            return Err(CoreError::InvalidArgument("run_id must not be empty".into()));
+        }
+        for r in &cfg.ranks {
+            if r.argv.is_empty() {
+                return Err(CoreError::InvalidArgument("a rank's argv must not be empty".into()));
+            }
+        }
+        let n = cfg.ranks.len();
+        spawn::ensure_nofile(4 * n as u64 + 64);
+        if cfg.subreaper {
+            spawn::become_subreaper();
+        }
+        let out = Sink::open(cfg.stdout_fd)?;
+        let err = Sink::open(cfg.stderr_fd)?;
+        let mut logs = Vec::with_capacity(n);
+        for r in &cfg.ranks {
+            logs.push(match &r.log_file {
+                Some(p) => Some(File::create(p).map_err(|source| CoreError::LogFile { source, path: p.clone() })?),
+                None => None,
+            });
+        }
+        let marker = format!("{RUN_ID_VAR}={}", cfg.run_id);
+        let guard = if cfg.orphan_guard { Some(Watchdog::start(&marker)?) } else { None };
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+
+        let run_id_pair = (OsString::from(RUN_ID_VAR), OsString::from(&cfg.run_id));
+        let mut spawned = Vec::with_capacity(n);
+        let mut ranks = Vec::with_capacity(n);
+        let started_at = SystemTime::now();
+        for (i, r) in cfg.ranks.iter().enumerate() {
+            let mut overrides = r.env.clone();
+            overrides.push(run_id_pair.clone());
+            let req = SpawnRequest {
+                argv: &r.argv,
+                env: cfg.base_env.as_deref(),
+                env_overrides: &overrides,
+                cwd: r.cwd.as_deref(),
+            };
+            match spawn::spawn(&req) {
+                Ok(s) => {
+                    ranks.push(RankInfo {
+                        pid: s.pid,
+                        tag: r.tag.clone(),
+                        started_at: SystemTime::now(),
+                        ended_at: None,
+                        status: None,
+                        last_output_at: None,
+                        output_bytes: 0,
+                        output_lines: 0,
+                        stderr_tail: VecDeque::new(),
+                        log_error: None,
+                    });
+                    spawned.push(s);
+                }
+                Err(e) => {
+                    abort_spawned(&spawned, marker.as_bytes());
+                    if let Some(mut g) = guard {
+                        g.finish();
+                    }
+                    let _ = i;
+                    return Err(e);
+                }
+            }
+        }
+
+        let (done_r, done_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK).map_err(io::Error::from)?;
+        let state = JobState {
+            ranks: ranks.clone(),
+            first_failure: None,
+            interrupted_by: None,
+            stopped: false,
+            done: false,
+            started_at,
+            ended_at: None,
+            leftovers_killed: 0,
+        };
+        let shared = Arc::new(Shared { state: Mutex::new(state), commands: Mutex::new(Vec::new()), done_r, done_w });
+        let pids = ranks.iter().map(|r| r.pid).collect();
+
+        let mut lp = Loop::new(poll, shared.clone(), &cfg, marker.into_bytes(), spawned, ranks, logs, out, err, guard)?;
+        let thread = std::thread::Builder::new().name("dslaunch-supervisor".into()).spawn(move || lp.run())?;
+        Ok(Supervisor {
+            inner: Arc::new(Inner { shared, waker, thread: Mutex::new(Some(thread)), run_id: cfg.run_id, pids }),
+        })
+    }
+
+    /// The job's id (`DSLAUNCH_RUN_ID` in every rank).
+    pub fn run_id(&self) -> &str {
+        &self.inner.run_id
+    }
+
+    /// The ranks' pids, in rank order.
+    pub fn pids(&self) -> &[i32] {
+        &self.inner.pids
+    }
+
+    /// Asks the loop to do something; returns at once.
+    pub fn send(&self, cmd: Command) {
+        lock(&self.inner.shared.commands).push(cmd);
+        let _ = self.inner.waker.wake();
+    }
+
+    /// A snapshot of the job now.
+    pub fn state(&self) -> JobState {
+        lock(&self.inner.shared.state).clone()
+    }
+
+    /// Reads the snapshot under the lock without cloning it.
+    pub fn with_state<R>(&self, f: impl FnOnce(&JobState) -> R) -> R {
+        f(&lock(&self.inner.shared.state))
+    }
+
+    /// Whether the job is over.
+    pub fn is_done(&self) -> bool {
+        lock(&self.inner.shared.state).done
+    }
+
+    /// Becomes readable (and stays so) when the job is over: for poll/epoll in callers.
+    pub fn done_fd(&self) -> BorrowedFd<'_> {
+        self.inner.shared.done_r.as_fd()
+    }
+
+    /// Blocks until the job is over or `timeout` passes; returns whether it is over.
+    pub fn wait_timeout(&self, timeout: Option<Duration>) -> bool {
+        let until = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.is_done() {
+                self.join();
+                return true;
+            }
+            let left = match until {
+                Some(u) => match u.checked_duration_since(Instant::now()) {
+                    Some(d) => Some(d),
+                    None => return false,
+                },
+                None => None,
+            };
+            let mut fds = [rustix::event::PollFd::new(&self.inner.shared.done_r, rustix::event::PollFlags::IN)];
+            let ts = left.and_then(|d| rustix::event::Timespec::try_from(d).ok());
+            let _ = rustix::event::poll(&mut fds, ts.as_ref());
+        }
+    }
+
+    /// Joins the loop thread once the job is done.
+    fn join(&self) {
+        if let Some(t) = lock(&self.inner.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !lock(&self.shared.state).done {
+            lock(&self.shared.commands).push(Command::Kill);
+            let _ = self.waker.wake();
+        }
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Kills and reaps ranks started before a later spawn failed.
+fn abort_spawned(spawned: &[spawn::Spawned], marker: &[u8]) {
+    for s in spawned {
+        signals::killpg(s.pid, libc::SIGKILL);
+    }
+    for s in spawned {
+        let _ = reap::reap_blocking(&s.pidfd);
+    }
+    for pid in tree::marked_processes(marker) {
+        tree::kill_tree(pid, Duration::ZERO);
+    }
+}
+
+struct Stream {
+    fd: Option<OwnedFd>,
+    splitter: LineSplitter,
+    is_stderr: bool,
+}
+
+struct LiveRank {
+    pidfd: Option<OwnedFd>,
+    pid: i32,
+    prefix: Vec<u8>,
+    console: bool,
+    log: Option<File>,
+    info: RankInfo,
+    dirty: bool,
+}
+
+struct Teardown {
+    deadline: Instant,
+    escalated: bool,
+    rescan_at: Option<Instant>,
+}
+
+struct Loop {
+    poll: Poll,
+    shared: Arc<Shared>,
+    marker: Vec<u8>,
+    grace: Duration,
+    fail_fast: bool,
+    kill_leftovers: bool,
+    tail_lines: usize,
+    ranks: Vec<LiveRank>,
+    streams: Vec<Stream>,
+    ready: VecDeque<usize>,
+    is_ready: Vec<bool>,
+    out: Sink,
+    err: Sink,
+    out_watched: bool,
+    err_watched: bool,
+    alive: usize,
+    teardown: Option<Teardown>,
+    extras: HashMap<usize, (i32, OwnedFd)>,
+    extra_pids: HashSet<i32>,
+    next_extra: usize,
+    extra_base: usize,
+    leftovers_killed: usize,
+    swept_clean: bool,
+    drain_deadline: Option<Instant>,
+    first_failure: Option<usize>,
+    interrupted_by: Option<i32>,
+    stopped: bool,
+    job_dirty: bool,
+    buf: Vec<u8>,
+    guard: Option<Watchdog>,
+    my_pid: i32,
+}
+
+impl Loop {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        poll: Poll,
+        shared: Arc<Shared>,
+        cfg: &Config,
+        marker: Vec<u8>,
+        spawned: Vec<spawn::Spawned>,
+        infos: Vec<RankInfo>,
+        logs: Vec<Option<File>>,
+        out: Sink,
+        err: Sink,
+        guard: Option<Watchdog>,
+    ) -> io::Result<Loop> {
+        let n = spawned.len();
+        let mut ranks = Vec::with_capacity(n);
+        let mut streams = Vec::with_capacity(2 * n);
+        for (i, ((s, info), log)) in spawned.into_iter().zip(infos).zip(logs).enumerate() {
+            let reg = poll.registry();
+            reg.register(&mut SourceFd(&s.stdout.as_raw_fd()), Token(2 * i), Interest::READABLE)?;
+            reg.register(&mut SourceFd(&s.stderr.as_raw_fd()), Token(2 * i + 1), Interest::READABLE)?;
+            reg.register(&mut SourceFd(&s.pidfd.as_raw_fd()), Token(2 * n + i), Interest::READABLE)?;
+            let rc = &cfg.ranks[i];
+            let prefix = cfg
+                .prefix
+                .as_ref()
+                .map(|p| p.replace("{rank}", &i.to_string()).replace("{tag}", &rc.tag).into_bytes())
+                .unwrap_or_default();
+            streams.push(Stream { fd: Some(s.stdout), splitter: LineSplitter::new(cfg.max_line), is_stderr: false });
+            streams.push(Stream { fd: Some(s.stderr), splitter: LineSplitter::new(cfg.max_line), is_stderr: true });
+            ranks.push(LiveRank { pidfd: Some(s.pidfd), pid: s.pid, prefix, console: rc.console, log, info, dirty: false });
+        }
+        Ok(Loop {
+            poll,
+            shared,
+            marker,
+            grace: cfg.grace,
+            fail_fast: cfg.fail_fast,
+            kill_leftovers: cfg.kill_leftovers,
+            tail_lines: cfg.stderr_tail,
+            alive: n,
+            ranks,
+            is_ready: vec![false; 2 * n],
+            streams,
+            ready: VecDeque::new(),
+            out,
+            err,
+            out_watched: false,
+            err_watched: false,
+            teardown: None,
+            extras: HashMap::new(),
+            extra_pids: HashSet::new(),
+            next_extra: 3 * n,
+            extra_base: 3 * n,
+            leftovers_killed: 0,
+            swept_clean: false,
+            drain_deadline: None,
+            first_failure: None,
+            interrupted_by: None,
+            stopped: false,
+            job_dirty: false,
+            buf: vec![0; 64 * 1024],
+            guard,
+            my_pid: std::process::id() as i32,
+        })
+    }
+
+    fn n(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_timeout();
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // epoll itself failed: nothing can be watched any more; end the job safely.
+                    self.begin_teardown(libc::SIGKILL, Duration::ZERO);
+                    events.clear();
+                }
+            }
+            for ev in events.iter() {
+                self.dispatch(ev.token());
+            }
+            self.read_ready();
+            self.flush_console();
+            self.check_deadlines();
+            let finished = self.advance();
+            self.publish(false);
+            if finished {
+                break;
+            }
+        }
+        self.finalize();
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let paused = self.console_paused();
+        if !self.ready.is_empty() && !paused {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        if let Some(t) = &self.teardown {
+            consider(if t.escalated { t.rescan_at } else { Some(t.deadline) });
+        }
+        consider(self.drain_deadline);
+        if self.alive == 0 && self.extras.is_empty() && !self.swept_clean {
+            consider(Some(now));
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+
+    fn console_paused(&self) -> bool {
+        self.out.backlog() > HIGH_WATER || self.err.backlog() > HIGH_WATER
+    }
+
+    fn dispatch(&mut self, token: Token) {
+        let n = self.n();
+        match token {
+            WAKER => self.run_commands(),
+            OUT_WRITABLE | ERR_WRITABLE => {}
+            Token(t) if t < 2 * n => {
+                if !self.is_ready[t] {
+                    self.is_ready[t] = true;
+                    self.ready.push_back(t);
+                }
+            }
+            Token(t) if t < 3 * n => self.reap_rank(t - 2 * n),
+            Token(t) => self.reap_extra(t),
+        }
+    }
+
+    fn run_commands(&mut self) {
+        let cmds = std::mem::take(&mut *lock(&self.shared.commands));
+        for cmd in cmds {
+            match cmd {
+                Command::Signal(sig) if signals::TERMINATING.contains(&sig) => {
+                    if self.teardown.is_none() {
+                        if self.first_failure.is_none() {
+                            self.interrupted_by = Some(sig);
+                        }
+                        self.begin_teardown(sig, self.grace);
+                    } else {
+                        self.escalate();
+                    }
+                }
+                Command::Signal(sig) => {
+                    for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
+                        signals::killpg(r.pid, sig);
+                    }
+                }
+                Command::Terminate { sig, grace } => {
+                    self.stopped = true;
+                    self.begin_teardown(sig, grace.unwrap_or(self.grace));
+                }
+                Command::Kill => {
+                    self.stopped = true;
+                    if self.teardown.is_none() {
+                        self.begin_teardown(libc::SIGKILL, Duration::ZERO);
+                    } else {
+                        self.escalate();
+                    }
+                }
+            }
+            self.job_dirty = true;
+        }
+    }
+
+    fn read_ready(&mut self) {
+        if self.console_paused() {
+            return;
+        }
+        let rounds = self.ready.len();
+        for _ in 0..rounds {
+            let Some(i) = self.ready.pop_front() else { break };
+            let Some(fd) = self.streams[i].fd.as_ref() else {
+                self.is_ready[i] = false;
+                continue;
+            };
+            match rustix::io::read(fd, &mut self.buf[..]) {
+                Ok(0) => {
+                    self.is_ready[i] = false;
+                    self.close_stream(i);
+                }
+                Ok(n) => {
+                    self.on_output(i, n);
+                    if n == self.buf.len() {
+                        self.ready.push_back(i); // more may be waiting: come back after the others
+                    } else {
+                        self.is_ready[i] = false;
+                    }
+                }
+                Err(e) if e == rustix::io::Errno::AGAIN => self.is_ready[i] = false,
+                Err(e) if e == rustix::io::Errno::INTR => self.ready.push_back(i),
+                Err(_) => {
+                    self.is_ready[i] = false;
+                    self.close_stream(i);
+                }
+            }
+            if self.console_paused() {
+                break;
+            }
+        }
+    }
+
+    fn on_output(&mut self, stream: usize, len: usize) {
+        let r = stream / 2;
+        let Loop { ranks, streams, out, err, buf, tail_lines, .. } = self;
+        let rank = &mut ranks[r];
+        let s = &mut streams[stream];
+        let data = &buf[..len];
+        rank.info.last_output_at = Some(SystemTime::now());
+        rank.info.output_bytes += len as u64;
+        rank.dirty = true;
+        if let Some(log) = rank.log.as_mut() {
+            if let Err(e) = log.write_all(data) {
+                rank.info.log_error = Some(e.to_string());
+                rank.log = None;
+                let msg = format!("dslaunch: rank {} log file write failed ({e}); its output goes on to the console only\n", rank.info.tag);
+                err.push(b"", msg.as_bytes(), Ending::Newline);
+            }
+        }
+        let sink = if s.is_stderr { err } else { out };
+        let info = &mut rank.info;
+        let (prefix, console) = (&rank.prefix, rank.console);
+        let keep_tail = s.is_stderr && *tail_lines > 0;
+        let limit = *tail_lines;
+        s.splitter.feed(data, |seg, ending| {
+            info.output_lines += 1;
+            if console {
+                sink.push(prefix, seg, ending);
+            }
+            if keep_tail {
+                push_tail(&mut info.stderr_tail, seg, limit);
+            }
+        });
+    }
+
+    fn close_stream(&mut self, stream: usize) {
+        let r = stream / 2;
+        let Loop { ranks, streams, out, err, poll, tail_lines, .. } = self;
+        let s = &mut streams[stream];
+        if let Some(fd) = s.fd.take() {
+            let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+        }
+        let rank = &mut ranks[r];
+        let sink = if s.is_stderr { err } else { out };
+        let info = &mut rank.info;
+        let (prefix, console) = (&rank.prefix, rank.console);
+        let keep_tail = s.is_stderr && *tail_lines > 0;
+        let limit = *tail_lines;
+        s.splitter.finish(|seg, ending| {
+            info.output_lines += 1;
+            if console {
+                sink.push(prefix, seg, ending);
+            }
+            if keep_tail {
+                push_tail(&mut info.stderr_tail, seg, limit);
+            }
+        });
+        rank.dirty = true;
+    }
+
+    fn flush_console(&mut self) {
+        let out_done = self.out.flush();
+        let err_done = self.err.flush();
+        let reg = self.poll.registry();
+        // Watch writability only while a non-blocking console has a backlog.
+        let want_out = !out_done && self.out.is_nonblocking();
+        if want_out != self.out_watched {
+            let fd = self.out.raw_fd();
+            let _ = if want_out {
+                reg.register(&mut SourceFd(&fd), OUT_WRITABLE, Interest::WRITABLE)
+            } else {
+                reg.deregister(&mut SourceFd(&fd))
+            };
+            self.out_watched = want_out;
+        }
+        let want_err = !err_done && self.err.is_nonblocking();
+        if want_err != self.err_watched {
+            let fd = self.err.raw_fd();
+            let _ = if want_err {
+                reg.register(&mut SourceFd(&fd), ERR_WRITABLE, Interest::WRITABLE)
+            } else {
+                reg.deregister(&mut SourceFd(&fd))
+            };
+            self.err_watched = want_err;
+        }
+    }
+
+    fn reap_rank(&mut self, r: usize) {
+        let Some(fd) = self.ranks[r].pidfd.as_ref() else { return };
+        let status = match reap::try_reap(fd) {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            // Someone else reaped our child (a stray waitpid(-1)); the status is lost.
+            Err(_) => ExitStatus::Code(-1),
+        };
+        if let Some(fd) = self.ranks[r].pidfd.take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+        }
+        self.alive -= 1;
+        let rank = &mut self.ranks[r];
+        rank.info.status = Some(status);
+        rank.info.ended_at = Some(SystemTime::now());
+        rank.dirty = true;
+        self.job_dirty = true;
+        if !status.success() && self.teardown.is_none() && self.first_failure.is_none() {
+            self.first_failure = Some(r);
+            if self.fail_fast {
+                self.begin_teardown(libc::SIGTERM, self.grace);
+            }
+        }
+        if self.alive == 0 {
+            self.swept_clean = false;
+        }
+    }
+
+    fn reap_extra(&mut self, token: usize) {
+        if let Some((pid, fd)) = self.extras.remove(&token) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+            if reap::try_reap(&fd).is_err() {
+                reap::reap_zombie(pid);
+            }
+            self.extra_pids.remove(&pid);
+            if self.extras.is_empty() {
+                self.swept_clean = false; // look again: something may have been re-parented meanwhile
+            }
+        }
+    }
+
+    /// Starts the teardown: `sig` to every live rank group at once, and to every descendant that
+    /// left its group; SIGKILL follows at the deadline.
+    fn begin_teardown(&mut self, sig: i32, grace: Duration) {
+        if self.teardown.is_some() {
+            if sig == libc::SIGKILL {
+                self.escalate();
+            }
+            return;
+        }
+        self.teardown = Some(Teardown { deadline: Instant::now() + grace, escalated: false, rescan_at: None });
+        self.signal_job(sig);
+        if sig == libc::SIGKILL || grace.is_zero() {
+            self.escalate();
+        }
+        self.job_dirty = true;
+    }
+
+    fn escalate(&mut self) {
+        self.signal_job(libc::SIGKILL);
+        if let Some(t) = self.teardown.as_mut() {
+            t.escalated = true;
+            t.rescan_at = Some(Instant::now() + Duration::from_millis(100));
+        } else {
+            self.teardown = Some(Teardown {
+                deadline: Instant::now(),
+                escalated: true,
+                rescan_at: Some(Instant::now() + Duration::from_millis(100)),
+            });
+        }
+    }
+
+    fn signal_job(&mut self, sig: i32) {
+        let live_groups: HashSet<i32> = self.ranks.iter().filter(|r| r.pidfd.is_some()).map(|r| r.pid).collect();
+        for &pgid in &live_groups {
+            signals::killpg(pgid, sig);
+        }
+        for pid in self.job_escapees(&live_groups) {
+            signals::kill(pid, sig);
+            self.watch_extra(pid);
+        }
+        for &pid in &self.extra_pids {
+            signals::kill(pid, sig);
+        }
+    }
+
+    /// Processes of the job outside the live rank groups: descendants that changed group, and
+    /// orphans re-parented to us (we are a subreaper) that carry the job's marker or still sit in
+    /// a finished rank's group. Zombies among our adopted children are reaped on the way.
+    fn job_escapees(&self, live_groups: &HashSet<i32>) -> Vec<i32> {
+        let procs = tree::snapshot();
+        let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
+        let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);
+        let mut roots: Vec<i32> = live_groups.iter().copied().collect();
+        for p in procs.iter().filter(|p| p.ppid == self.my_pid && !rank_pids.contains(&p.pid)) {
+            if Some(p.pid) == guard_pid {
+                continue;
+            }
+            let ours = rank_pids.contains(&p.pgrp) || tree::has_marker(p.pid, &self.marker);
+            if p.is_dead() {
+                if rank_pids.contains(&p.pgrp) {
+                    reap::reap_zombie(p.pid);
+                }
+            } else if ours {
+                roots.push(p.pid);
+            }
+        }
+        let desc = tree::descendants(&procs, &roots);
+        let alive: HashSet<i32> = procs.iter().filter(|p| !p.is_dead()).map(|p| p.pid).collect();
+        let pgrp: HashMap<i32, i32> = procs.iter().map(|p| (p.pid, p.pgrp)).collect();
+        roots
+            .into_iter()
+            .filter(|p| !live_groups.contains(p))
+            .chain(desc)
+            .filter(|p| alive.contains(p) && !pgrp.get(p).is_some_and(|g| live_groups.contains(g)))
+            .collect()
+    }
+
+    fn watch_extra(&mut self, pid: i32) {
+        if !self.extra_pids.insert(pid) {
+            return;
+        }
+        let Ok(fd) = reap::pidfd_open(pid) else {
+            self.extra_pids.remove(&pid);
+            return;
+        };
+        let token = self.next_extra;
+        self.next_extra += 1;
+        if self.poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), Token(token), Interest::READABLE).is_ok() {
+            self.extras.insert(token, (pid, fd));
+            self.leftovers_killed += 1;
+        } else {
+            self.extra_pids.remove(&pid);
+        }
+        let _ = self.extra_base;
+    }
+
+    fn check_deadlines(&mut self) {
+        let now = Instant::now();
+        let Some(t) = self.teardown.as_ref() else { return };
+        if !t.escalated && now >= t.deadline {
+            self.escalate();
+        } else if t.escalated && t.rescan_at.is_some_and(|r| now >= r) {
+            if self.alive > 0 || !self.extras.is_empty() {
+                self.signal_job(libc::SIGKILL);
+                if let Some(t) = self.teardown.as_mut() {
+                    t.rescan_at = Some(now + Duration::from_millis(100));
+                }
+            } else if let Some(t) = self.teardown.as_mut() {
+                t.rescan_at = None;
+            }
+        }
+    }
+
+    /// Moves the job towards its end; returns true when it is over.
+    fn advance(&mut self) -> bool {
+        if self.alive > 0 {
+            return false;
+        }
+        if !self.extras.is_empty() {
+            return false;
+        }
+        if !self.swept_clean {
+            // Every rank is reaped: whatever of the job still runs was left behind.
+            let leftovers = self.job_escapees(&HashSet::new());
+            let teardown_active = self.teardown.is_some();
+            if leftovers.is_empty() || !(self.kill_leftovers || teardown_active) {
+                self.swept_clean = true;
+                self.drain_deadline = Some(Instant::now() + Duration::from_millis(500));
+            } else {
+                let sig = match &self.teardown {
+                    Some(t) if t.escalated => libc::SIGKILL,
+                    _ => libc::SIGTERM,
+                };
+                if self.teardown.is_none() {
+                    self.teardown = Some(Teardown { deadline: Instant::now() + self.grace, escalated: false, rescan_at: None });
+                }
+                for pid in leftovers {
+                    signals::kill(pid, sig);
+                    self.watch_extra(pid);
+                }
+                self.job_dirty = true;
+                return false;
+            }
+        }
+        let streams_open = self.streams.iter().any(|s| s.fd.is_some());
+        if streams_open && self.drain_deadline.is_some_and(|d| Instant::now() < d) {
+            return false;
+        }
+        true
+    }
+
+    fn publish(&mut self, done: bool) {
+        if !done && !self.job_dirty && !self.ranks.iter().any(|r| r.dirty) {
+            return;
+        }
+        let mut st = lock(&self.shared.state);
+        for (i, r) in self.ranks.iter_mut().enumerate() {
+            if r.dirty {
+                st.ranks[i] = r.info.clone();
+                r.dirty = false;
+            }
+        }
+        st.first_failure = self.first_failure;
+        st.interrupted_by = self.interrupted_by;
+        st.stopped = self.stopped;
+        st.leftovers_killed = self.leftovers_killed;
+        if done {
+            st.done = true;
+            st.ended_at = Some(SystemTime::now());
+        }
+        self.job_dirty = false;
+    }
+
+    fn finalize(&mut self) {
+        for i in 0..self.streams.len() {
+            if self.streams[i].fd.is_some() {
+                // Drain what is buffered before closing (a process outside our reach may still hold it).
+                if let Some(fd) = self.streams[i].fd.as_ref() {
+                    let mut chunk = Vec::new();
+                    let mut f = File::from(fd.try_clone().expect("dup"));
+                    let _ = (&mut f).take(1 << 20).read_to_end(&mut chunk);
+                    if !chunk.is_empty() {
+                        let n = chunk.len().min(self.buf.len());
+                        self.buf[..n].copy_from_slice(&chunk[..n]);
+                        self.on_output(i, n);
+                    }
+                }
+                self.close_stream(i);
+            }
+        }
+        self.out.flush_all();
+        self.err.flush_all();
+        for r in &mut self.ranks {
+            if let Some(log) = r.log.as_mut() {
+                let _ = log.flush();
+            }
+        }
+        self.publish(true);
+        if let Some(mut g) = self.guard.take() {
+            g.finish();
+        }
+        let _ = rustix::io::write(&self.shared.done_w, b"x");
+    }
+}
+
+fn push_tail(tail: &mut VecDeque<Vec<u8>>, seg: &[u8], limit: usize) {
+    let mut line = seg;
+    while let Some((&last, rest)) = line.split_last() {
+        if last == b'\n' || last == b'\r' {
+            line = rest;
+        } else {
+            break;
+        }
+    }
+    if tail.len() >= limit {
+        if let Some(mut old) = tail.pop_front() {
+            old.clear();
+            old.extend_from_slice(&line[..line.len().min(4096)]);
+            tail.push_back(old);
+            return;
+        }
+    }
+    tail.push_back(line[..line.len().min(4096)].to_vec());
+}

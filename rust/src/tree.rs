@@ -1,0 +1,230 @@
+//! Process trees read from `/proc`: who descends from whom, who carries a job's environment
+//! marker, and killing a whole tree, including descendants that left the process group
+//! (setsid, double fork). Process groups are a convention, not a boundary, so the walk goes by
+//! parent links and the marker, never by group alone.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use crate::{reap, signals};
+
+/// The fields of `/proc/<pid>/stat` the supervisor needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Process id.
+    pub pid: i32,
+    /// Parent process id.
+    pub ppid: i32,
+    /// Process group id.
+    pub pgrp: i32,
+    /// Session id.
+    pub session: i32,
+    /// State letter: `R`, `S`, `D`, `Z` (zombie), `T`, ...
+    pub state: u8,
+}
+
+impl ProcStat {
+    /// A zombie (exited, not yet reaped) or dead entry.
+    pub fn is_dead(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// Parses the text of `/proc/<pid>/stat`. The command name sits in parentheses and may itself
+/// contain spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(text: &[u8]) -> Option<ProcStat> {
+    let open = memchr::memchr(b'(', text)?;
+    let close = memchr::memrchr(b')', text)?;
+    if close < open {
+        return None;
+    }
+    let pid = std::str::from_utf8(&text[..open]).ok()?.trim().parse().ok()?;
+    let rest = std::str::from_utf8(text.get(close + 1..)?).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = *fields.next()?.as_bytes().first()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    let session = fields.next()?.parse().ok()?;
+    Some(ProcStat { pid, ppid, pgrp, session, state })
+}
+
+/// Reads one process's stat; `None` if it is gone.
+pub fn read_stat(pid: i32) -> Option<ProcStat> {
+    let mut buf = [0u8; 1024];
+    let mut f = fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let n = f.read(&mut buf).ok()?;
+    parse_stat(&buf[..n])
+}
+
+/// Every process on the machine, in one pass over `/proc`.
+pub fn snapshot() -> Vec<ProcStat> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter_map(read_stat)
+        .collect()
+}
+
+/// All descendants of `roots` in `procs` (roots excluded), found through parent links.
+pub fn descendants(procs: &[ProcStat], roots: &[i32]) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for p in procs {
+        children.entry(p.ppid).or_default().push(p.pid);
+    }
+    let mut seen: HashSet<i32> = roots.iter().copied().collect();
+    let mut stack: Vec<i32> = roots.to_vec();
+    let mut out = Vec::new();
+    while let Some(pid) = stack.pop() {
+        for &c in children.get(&pid).map(Vec::as_slice).unwrap_or(&[]) {
+            if seen.insert(c) {
+                out.push(c);
+                stack.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `environ` (NUL-separated `KEY=VALUE` entries) holds exactly the entry `marker`.
+pub fn environ_has(environ: &[u8], marker: &[u8]) -> bool {
+    environ.split(|&b| b == 0).any(|entry| entry == marker)
+}
+
+/// Whether process `pid` was started with the environment entry `marker` (e.g.
+/// `DSLAUNCH_RUN_ID=<id>`). Zombies and processes we may not read answer false.
+pub fn has_marker(pid: i32, marker: &[u8]) -> bool {
+    match fs::read(format!("/proc/{pid}/environ")) {
+        Ok(env) => environ_has(&env, marker),
+        Err(_) => false,
+    }
+}
+
+/// Every live process on the machine whose environment holds `marker`.
+pub fn marked_processes(marker: &[u8]) -> Vec<i32> {
+    snapshot().into_iter().filter(|p| !p.is_dead() && has_marker(p.pid, marker)).map(|p| p.pid).collect()
+}
+
+/// Kills `pid` and all its descendants: SIGTERM to each (and to its group if it leads one), up
+/// to `grace` for them to exit, then SIGKILL to whatever is left, re-walking the tree each round
+/// so processes forked meanwhile are caught too. Our own children among them are reaped.
+/// Returns how many distinct processes were signalled.
+pub fn kill_tree(pid: i32, grace: Duration) -> usize {
+    let my_pid = std::process::id() as i32;
+    if pid <= 1 || pid == my_pid {
+        return 0;
+    }
+    let mut signalled: HashSet<i32> = HashSet::new();
+    let mut watched: Vec<(i32, OwnedFd)> = Vec::new();
+    let deadline = Instant::now() + grace;
+    let mut sig = libc::SIGTERM;
+    loop {
+        let procs = snapshot();
+        let mut targets = vec![pid];
+        targets.extend(descendants(&procs, &[pid]));
+        let alive: Vec<&ProcStat> =
+            procs.iter().filter(|p| targets.contains(&p.pid) && !p.is_dead()).collect();
+        for p in &alive {
+            if p.pgrp == p.pid {
+                signals::killpg(p.pgrp, sig);
+            }
+            signals::kill(p.pid, sig);
+            if signalled.insert(p.pid) {
+                if let Ok(fd) = reap::pidfd_open(p.pid) {
+                    watched.push((p.pid, fd));
+                }
+            }
+        }
+        // Reap the zombies that are ours (the launcher may be their subreaper).
+        for p in procs.iter().filter(|p| targets.contains(&p.pid) && p.is_dead() && p.ppid == my_pid) {
+            reap::reap_zombie(p.pid);
+        }
+        if alive.is_empty() {
+            break;
+        }
+        if sig == libc::SIGKILL && Instant::now() > deadline + Duration::from_secs(5) {
+            break; // unkillable (D state): give up rather than hang the caller
+        }
+        wait_for_exits(&mut watched, if sig == libc::SIGKILL { Instant::now() + Duration::from_millis(50) } else { deadline });
+        if Instant::now() >= deadline {
+            sig = libc::SIGKILL;
+        }
+    }
+    signalled.len()
+}
+
+/// Waits on the pidfds (no sleep loop) until every watched process has exited or `until`.
+/// Exited ones are reaped if they are ours and dropped from the list.
+fn wait_for_exits(watched: &mut Vec<(i32, OwnedFd)>, until: Instant) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    while !watched.is_empty() {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        let exited: Vec<bool> = {
+            let mut fds: Vec<PollFd<'_>> = watched.iter().map(|(_, fd)| PollFd::new(fd, PollFlags::IN)).collect();
+            let timeout = rustix::event::Timespec::try_from(until - now).ok();
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(_) => {}
+                Err(e) if e == rustix::io::Errno::INTR => continue,
+                Err(_) => return,
+            }
+            fds.iter().map(|f| !f.revents().is_empty()).collect()
+        };
+        let mut i = 0;
+        watched.retain(|(pid, fd)| {
+            let gone = exited[i];
+            i += 1;
+            if gone && reap::try_reap(fd).is_err() {
+                reap::reap_zombie(*pid);
+            }
+            !gone
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_command_names() {
+        let s = parse_stat(b"1234 (my (weird) cmd) S 1 1234 1234 0 -1 4194560").unwrap();
+        assert_eq!(s, ProcStat { pid: 1234, ppid: 1, pgrp: 1234, session: 1234, state: b'S' });
+        let z = parse_stat(b"77 (a b) Z 5 6 7 0").unwrap();
+        assert!(z.is_dead());
+        assert_eq!(z.ppid, 5);
+        assert!(parse_stat(b"garbage").is_none());
+        assert!(parse_stat(b"12 (x)").is_none());
+    }
+
+    #[test]
+    fn descendants_follow_parent_links_not_groups() {
+        let p = |pid, ppid, pgrp| ProcStat { pid, ppid, pgrp, session: pgrp, state: b'S' };
+        // 10 -> 11 -> 12 (12 escaped to its own group), 10 -> 13; 20 is unrelated.
+        let procs = [p(10, 1, 10), p(11, 10, 10), p(12, 11, 12), p(13, 10, 10), p(20, 1, 20)];
+        let mut d = descendants(&procs, &[10]);
+        d.sort_unstable();
+        assert_eq!(d, vec![11, 12, 13]);
+        assert!(descendants(&procs, &[20]).is_empty());
+    }
+
+    #[test]
+    fn environ_marker_must_match_a_whole_entry() {
+        let env = b"A=1\0DSLAUNCH_RUN_ID=abc\0B=2\0";
+        assert!(environ_has(env, b"DSLAUNCH_RUN_ID=abc"));
+        assert!(!environ_has(env, b"DSLAUNCH_RUN_ID=ab"));
+        assert!(!environ_has(env, b"RUN_ID=abc"));
+    }
+
+    #[test]
+    fn snapshot_sees_this_process() {
+        let me = std::process::id() as i32;
+        let procs = snapshot();
+        let mine = procs.iter().find(|p| p.pid == me).expect("self in /proc");
+        assert_eq!(mine.ppid, std::os::unix::process::parent_id() as i32);
+    }
+}

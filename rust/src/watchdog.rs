@@ -1,0 +1,87 @@
+//! The orphan guard: no rank outlives a launcher that was SIGKILLed.
+//!
+//! Why a separate process: when the launcher is killed with SIGKILL nothing in it runs again,
+//! so someone else must clean up. The alternatives cost more: PR_SET_PDEATHSIG must be set in
+//! each child (forcing fork+exec instead of posix_spawn on every rank, or an extra exec shim per
+//! rank) and it only reaches direct children, not grandchildren; a cgroup needs someone alive to
+//! write `cgroup.kill`. So each supervisor starts one tiny `/bin/sh` (about 1 MB) in its own
+//! process group, holding the read end of a pipe whose write end only the launcher has
+//! (close-on-exec, so ranks never inherit it). When the supervisor finishes it writes `done`;
+//! EOF without `done` means the launcher died, and the guard SIGKILLs every process whose
+//! environment carries the job's marker (`DSLAUNCH_RUN_ID=<id>`, given to every rank and
+//! inherited by their descendants, setsid or not), scanning /proc until none is left.
+//! It costs one posix_spawn per job and nothing per rank.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+
+/// The guard's script. `$1` is the marker entry. `read` returns non-zero on EOF; `grep -z`
+/// reads the NUL-separated environ files, `-x` matches a whole entry.
+const SCRIPT: &str = r#"
+while IFS= read -r line; do
+  [ "$line" = done ] && exit 0
+done
+i=0
+while [ $i -lt 100 ]; do
+  pids=$(grep -lzxF -- "$1" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3)
+  [ -z "$pids" ] && exit 0
+  kill -9 $pids 2>/dev/null
+  i=$((i+1))
+done
+"#;
+
+/// A running orphan guard.
+pub struct Watchdog {
+    child: Child,
+    pipe: Option<OwnedFd>,
+}
+
+impl Watchdog {
+    /// Starts the guard for processes carrying `marker` (`KEY=VALUE`).
+    pub fn start(marker: &str) -> std::io::Result<Watchdog> {
+        let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(SCRIPT)
+            .arg("dslaunch-orphan-guard")
+            .arg(marker)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::from(read_end))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own group: a Ctrl-C to the launcher's terminal group must not kill the guard.
+            .process_group(0)
+            .spawn()?;
+        Ok(Watchdog { child, pipe: Some(write_end) })
+    }
+
+    /// The guard's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Tells the guard the job ended cleanly, and reaps it.
+    pub fn finish(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            let mut f = std::fs::File::from(pipe);
+            let _ = f.write_all(b"done\n");
+            drop(f);
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The write end's fd (tests use it to check it is close-on-exec).
+    pub fn pipe_fd(&self) -> Option<i32> {
+        self.pipe.as_ref().map(|p| p.as_raw_fd())
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+use std::os::unix::process::CommandExt;

@@ -1,0 +1,60 @@
+# dslaunch developer commands. README and .ci/run call these targets, so they never drift apart.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+.PHONY: install
+install: $(PY) ## create .venv and install dslaunch (built from source) with its dev/test deps (torch, pytest, ...)
+	$(PIP) install -q -e '.[dev]'
+
+.PHONY: build-dev
+build-dev: $(PY) ## rebuild the Rust extension into .venv after a Rust change (optimised)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release
+
+.PHONY: demo
+demo: install ## set up, then run the example: 4 ranks of real DDP training over gloo
+	$(VENV)/bin/dslaunch --num_gpus 4 examples/train.py
+
+.PHONY: test-rust
+test-rust: ## cargo tests (pure-Rust units and real-process tests)
+	cargo test --release
+
+.PHONY: test-python
+test-python: ## pytest (real processes); no test collected counts as a failure
+	@set +e; $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+.PHONY: test
+test: install test-rust test-python ## set up and run every test
+
+.PHONY: lint
+lint: ## rustfmt, clippy, ruff, mypy, stubtest
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	$(PY) -m ruff check python tests benches examples
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest dslaunch._core --allowlist .mypy-stubtest-allowlist
+
+.PHONY: format
+format: ## format Rust and Python
+	cargo fmt
+	$(PY) -m ruff format python tests benches examples
+
+.PHONY: bench
+bench: install ## benchmarks against the peers (see docs/benchmarks.md)
+	$(PY) benches/bench_core.py
+
+.PHONY: bench-quick
+bench-quick: install ## a quick smoke run of the benchmark harness
+	$(PY) benches/bench_core.py --quick

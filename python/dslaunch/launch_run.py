@@ -1,0 +1,139 @@
+"""Running one node's ranks under the Rust supervisor: the process half of ``dslaunch.launch``.
+
+The pure half (argument parsing, world_info, rank arithmetic, child argv) lives in ``launch.py``;
+this module turns those plans into a ``dslaunch._core.Supervisor`` and reports the outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from dslaunch.errors import DslaunchError, UsageError
+
+#: Console prefix of every rank line: `[3]: loss=0.5`.
+DEFAULT_PREFIX = '[{tag}]: '
+
+
+def parse_rank_selection(spec: str | None) -> set[int] | None:
+    """`0,2-3` -> {0, 2, 3}; None or '' -> None (all ranks)."""
+    if not spec:
+        return None
+    chosen: set[int] = set()
+    for part in spec.split(','):
+        part = part.strip()
+        try:
+            if '-' in part:
+                lo, hi = part.split('-', 1)
+                chosen.update(range(int(lo), int(hi) + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise UsageError(f'--console_ranks: {spec!r} is not a list of ranks like 0,2-3') from None
+    return chosen
+
+
+def check_script(args: argparse.Namespace) -> None:
+    """A missing training script is one clear error before anything starts (DeepSpeed starts
+    every rank and lets each print its own 'can't open file')."""
+    if args.no_python or args.module:
+        return
+    script = args.training_script
+    if not os.path.isfile(script):
+        raise UsageError(f'training script {script!r} not found (cwd {os.getcwd()})')
+
+
+class PidFile:
+    """`--save_pid`: `/tmp/<runner pid>.deepspeed` holding our pid, removed when the job ends
+    (DeepSpeed leaves it behind after success and failure)."""
+
+    def __init__(self, runner_pid: int, directory: str = '/tmp') -> None:
+        self.path = os.path.join(directory, f'{runner_pid}.deepspeed') if runner_pid else None
+
+    def __enter__(self) -> PidFile:
+        if self.path is None:
+            return self
+        if os.path.isfile(self.path):
+            raise UsageError(f'pid file {self.path} exists (another job with the same --save_pid?)')
+        try:
+            with open(self.path, 'x', encoding='ascii') as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            raise UsageError(f'cannot write pid file {self.path}: {e.strerror}') from None
+        print(f'launcher pid: {os.getpid()}', flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def run_plans(
+    plans: Sequence[object],
+    environ: Mapping[str, str],
+    *,
+    raw_output: bool = False,
+    console_ranks: set[int] | None = None,
+    grace_period: float = 30.0,
+    save_pid: int = 0,
+    run_id: str | None = None,
+) -> int:
+    """Starts the planned ranks, waits for them, prints the report; returns the exit status."""
+    from dslaunch import _core
+    from dslaunch.report import print_report
+
+    specs = [
+        _core.RankSpec(p.argv, env=p.env_overrides, log_file=p.log_name, tag=str(p.rank))  # type: ignore[attr-defined]
+        for p in plans
+    ]
+    shown = None
+    if console_ranks is not None:
+        shown = [i for i, p in enumerate(plans) if p.rank in console_ranks]  # type: ignore[attr-defined]
+    sup = _core.Supervisor(
+        specs,
+        env=environ,
+        prefix=None if raw_output else DEFAULT_PREFIX,
+        console_ranks=shown,
+        grace_period=grace_period,
+        run_id=run_id,
+    )
+    with PidFile(save_pid):
+        try:
+            sup.start()
+        except OSError as e:
+            what = e.filename or ''
+            raise DslaunchError(f'cannot start a rank: {e.strerror or e}: {what}'.rstrip(': ')) from None
+        report = sup.wait()
+    assert report is not None
+    if plans:
+        print_report(report)
+    return report.returncode
+
+
+def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    """Everything `python -m dslaunch.launch` does after parsing its arguments."""
+    from dslaunch import launch
+
+    env = dict(os.environ if environ is None else environ)
+    world_info = launch.load_world_info(args)
+    plans = launch.rank_plans(world_info, args.node_rank, args, env, python=sys.executable)
+    if not plans:
+        return 0  # a node with zero slots runs nothing, as in DeepSpeed
+    check_script(args)
+    log_dir = getattr(args, 'enable_each_rank_log', 'None')
+    if log_dir != 'None':
+        launch.ensure_rank_log_dir(log_dir)
+    return run_plans(
+        plans,
+        env,
+        raw_output=getattr(args, 'raw_output', False),
+        console_ranks=parse_rank_selection(getattr(args, 'console_ranks', None)),
+        grace_period=getattr(args, 'grace_period', 30.0),
+        save_pid=getattr(args, 'save_pid', 0) or 0,
+        run_id=env.get('DSLAUNCH_JOB_ID'),
+    )

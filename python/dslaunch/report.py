@@ -1,0 +1,87 @@
+"""The short report printed when a job ends: what happened to every rank, and for a failure the
+root cause with the last lines of its stderr (the user's traceback, undecorated)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from dslaunch._core import RankResult, Report
+
+
+def signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f'signal {num}'
+
+
+def rank_ranges(ranks: Iterable[int]) -> str:
+    """`[0, 1, 2, 5, 7, 8]` -> `0-2,5,7-8`."""
+    out: list[str] = []
+    nums = sorted(set(ranks))
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f'{nums[i]}-{nums[j]}')
+        i = j + 1
+    return ','.join(out)
+
+
+def describe(r: RankResult) -> str:
+    """How one rank ended, in words."""
+    if r.state == 'running':
+        return 'still running'
+    if r.signal is not None:
+        return f'killed by {signal_name(r.signal)}'
+    return f'exit code {r.returncode}'
+
+
+def _label(tags: Sequence[str]) -> str:
+    numeric = [int(t) for t in tags if t.isdigit()]
+    if len(numeric) == len(tags):
+        return ('ranks ' if len(tags) > 1 else 'rank ') + rank_ranges(numeric)
+    return ('ranks ' if len(tags) > 1 else 'rank ') + ','.join(tags)
+
+
+def render(report: Report, *, host: str | None = None) -> list[str]:
+    """The report as lines (without newlines)."""
+    where = f' on {host}' if host else ''
+    wall = report.wall_time or 0.0
+    n = len(report.ranks)
+    lines: list[str] = []
+    if report.success:
+        lines.append(f'dslaunch: {n} rank{"s" if n != 1 else ""}{where} finished OK in {wall:.1f} s')
+        return lines
+    cause = report.first_failure
+    if cause is not None:
+        lines.append(
+            f'dslaunch: rank {cause.tag}{where} (pid {cause.pid}) failed: {describe(cause)} '
+            f'after {(cause.ended_at or report.started_at) - cause.started_at:.1f} s; the job was torn down'
+        )
+    elif report.interrupted_by is not None:
+        lines.append(f'dslaunch: stopped by {signal_name(report.interrupted_by)}{where} after {wall:.1f} s')
+    elif report.stopped:
+        lines.append(f'dslaunch: stopped{where} after {wall:.1f} s')
+    groups: dict[str, list[str]] = {}
+    for r in report.ranks:
+        groups.setdefault(describe(r), []).append(r.tag)
+    lines.append('dslaunch: ' + '; '.join(f'{_label(tags)}: {what}' for what, tags in groups.items()))
+    if cause is not None and cause.stderr_tail:
+        lines.append(f'dslaunch: last stderr lines of rank {cause.tag}:')
+        lines.extend(cause.stderr_tail)
+    if report.leftovers_killed:
+        lines.append(f'dslaunch: killed {report.leftovers_killed} process(es) the ranks left behind')
+    return lines
+
+
+def print_report(report: Report, stream: TextIO | None = None, *, host: str | None = None) -> None:
+    out = stream or sys.stderr
+    for line in render(report, host=host):
+        print(line, file=out)
+    out.flush()

@@ -1,0 +1,163 @@
+"""`dslaunch --nproc-per-node N train.py`: the `torch.distributed.launch` / `torchrun` front end.
+
+Scripts written for `torch.distributed.launch` run unchanged: each worker gets torchrun's
+environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_RANK, MASTER_ADDR,
+MASTER_PORT, ...) plus DeepSpeed's (LOCAL_SIZE, CROSS_RANK, CROSS_SIZE), and `--local-rank=N`
+before its own arguments unless `--use-env` is given, as torch.distributed.launch does. Only the
+static rendezvous is supported here (fixed `--nnodes`, one launcher per node with
+`--node-rank`); elastic ranges belong to `--elastic_training`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from dslaunch.errors import UsageError
+
+#: Options that only torch's launchers have: seeing one before the script selects this front end.
+TORCH_ONLY_OPTIONS = (
+    '--nproc-per-node', '--nproc_per_node', '--nnodes', '--node-rank', '--master-addr', '--master-port',
+    '--use-env', '--use_env', '--no-python', '--standalone', '--max-restarts', '--max_restarts',
+    '--rdzv-backend', '--rdzv_backend', '--rdzv-endpoint', '--rdzv_endpoint', '--rdzv-id', '--rdzv_id',
+    '--local-ranks-filter', '--local_ranks_filter', '--log-dir', '--log_dir',
+)
+
+
+def wants_torch_cli(argv: Sequence[str]) -> bool:
+    """Whether `argv` uses torch's launcher flags (before the script), not DeepSpeed's."""
+    for arg in argv:
+        if not arg.startswith('-'):
+            return False  # the script: everything after it belongs to the user
+        if arg == '--':
+            return False
+        if arg.split('=', 1)[0] in TORCH_ONLY_OPTIONS:
+            return True
+    return False
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog or 'dslaunch',
+        description='torch.distributed.launch-compatible front end of dslaunch (static rendezvous).',
+    )
+    p.add_argument('--nproc-per-node', '--nproc_per_node', dest='nproc_per_node', default='1',
+                   help='workers per node: a number, "gpu", "cpu" or "auto"')
+    p.add_argument('--nnodes', default='1', help='number of nodes (a fixed number)')
+    p.add_argument('--node-rank', '--node_rank', dest='node_rank', type=int, default=0)
+    p.add_argument('--master-addr', '--master_addr', dest='master_addr', default='127.0.0.1')
+    p.add_argument('--master-port', '--master_port', dest='master_port', type=int, default=29500)
+    p.add_argument('--standalone', action='store_true', help='single node on 127.0.0.1 and a free port')
+    p.add_argument('--use-env', '--use_env', dest='use_env', action='store_true',
+                   help='do not pass --local-rank; read LOCAL_RANK from the environment')
+    p.add_argument('-m', '--module', action='store_true')
+    p.add_argument('--no-python', '--no_python', dest='no_python', action='store_true')
+    p.add_argument('--max-restarts', '--max_restarts', dest='max_restarts', type=int, default=0)
+    p.add_argument('--log-dir', '--log_dir', dest='log_dir', default=None, help='per-rank log files here')
+    p.add_argument('--local-ranks-filter', '--local_ranks_filter', dest='local_ranks_filter', default=None,
+                   help='only these local ranks on the console, e.g. 0 or 0,2')
+    p.add_argument('--raw_output', action='store_true', help='no rank prefix on console lines')
+    p.add_argument('--grace_period', type=float, default=30.0)
+    p.add_argument('--dry_run', action='store_true')
+    p.add_argument('training_script')
+    p.add_argument('training_script_args', nargs=argparse.REMAINDER)
+    return p
+
+
+def nproc_from(spec: str) -> int:
+    from dslaunch.devices import gpu_count
+
+    if spec in ('gpu', 'auto'):
+        n = gpu_count()
+        if n > 0 or spec == 'auto':
+            return n or (os.cpu_count() or 1)
+        raise UsageError('--nproc-per-node gpu: no GPU found')
+    if spec == 'cpu':
+        return os.cpu_count() or 1
+    try:
+        n = int(spec)
+    except ValueError:
+        raise UsageError(f'--nproc-per-node: {spec!r} is not a number, "gpu", "cpu" or "auto"') from None
+    if n < 1:
+        raise UsageError('--nproc-per-node must be at least 1')
+    return n
+
+
+def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str) -> list[object]:
+    from dslaunch.launch import RankPlan
+
+    try:
+        nnodes = int(args.nnodes)
+    except ValueError:
+        raise UsageError(f'--nnodes {args.nnodes!r}: only a fixed node count is supported here; '
+                         'use --elastic_training with --min_elastic_nodes/--max_elastic_nodes for ranges') from None
+    if nnodes < 1 or not 0 <= args.node_rank < nnodes:
+        raise UsageError(f'--node-rank {args.node_rank} is out of range for --nnodes {nnodes}')
+    if args.no_python and args.module:
+        raise UsageError("Don't use both the '--no-python' flag and the '--module' flag at the same time.")
+    if args.no_python and not args.use_env:
+        raise UsageError('--no-python requires --use-env (as in torch.distributed.launch)')
+    nproc = nproc_from(str(args.nproc_per_node))
+    world = nnodes * nproc
+    plans = []
+    for local in range(nproc):
+        rank = args.node_rank * nproc + local
+        argv: list[str] = [] if args.no_python else [python, '-u'] + (['-m'] if args.module else [])
+        argv.append(args.training_script)
+        if not args.use_env:
+            argv.append(f'--local-rank={local}')
+        argv += args.training_script_args
+        env = {
+            'RANK': str(rank), 'LOCAL_RANK': str(local), 'WORLD_SIZE': str(world),
+            'LOCAL_WORLD_SIZE': str(nproc), 'LOCAL_SIZE': str(nproc),
+            'GROUP_RANK': str(args.node_rank), 'GROUP_WORLD_SIZE': str(nnodes),
+            'ROLE_RANK': str(rank), 'ROLE_WORLD_SIZE': str(world), 'ROLE_NAME': 'default',
+            'CROSS_RANK': str(args.node_rank), 'CROSS_SIZE': str(nnodes),
+            'MASTER_ADDR': args.master_addr, 'MASTER_PORT': str(args.master_port),
+        }
+        if nproc > 1 and 'OMP_NUM_THREADS' not in os.environ:
+            env['OMP_NUM_THREADS'] = '1'  # torchrun's default, to keep N workers from oversubscribing
+        log = os.path.join(args.log_dir, f'{log_stamp}_rank{rank}.log') if args.log_dir else None
+        plans.append(RankPlan(rank=rank, local_rank=local, argv=argv, env_overrides=env, log_name=log))
+    return plans
+
+
+def main(argv: Sequence[str], prog: str | None = None) -> int:
+    import shlex
+    import time
+
+    from dslaunch.launch_run import check_script, parse_rank_selection, run_plans
+    from dslaunch.probes import SystemProbes
+
+    args = build_parser(prog).parse_args(list(argv))
+    probes = SystemProbes()
+    if args.standalone:
+        args.master_addr, args.nnodes, args.node_rank = '127.0.0.1', '1', 0
+        args.master_port = probes.free_port()
+    elif args.master_port == 0:
+        args.master_port = probes.free_port()
+    if args.max_restarts:
+        raise UsageError('--max-restarts needs the elastic agent: use --elastic_training')
+    plans = plans_for(args, python=sys.executable, log_stamp=time.strftime('%Y%m%d%H%M%S'))
+    if args.dry_run:
+        for p in plans:
+            env = ' '.join(f'{k}={shlex.quote(v)}' for k, v in p.env_overrides.items())  # type: ignore[attr-defined]
+            print(f'{env} {shlex.join(p.argv)}')  # type: ignore[attr-defined]
+        return 0
+    args.training_script_args = list(args.training_script_args)
+    check_script(argparse.Namespace(no_python=args.no_python, module=args.module,
+                                    training_script=args.training_script))
+    if args.node_rank == 0 and args.master_addr in ('127.0.0.1', 'localhost') and \
+            not probes.port_free(args.master_addr, args.master_port):
+        raise UsageError(f'master port {args.master_port} is already in use on this host; '
+                         'pick another with --master-port (0 picks a free one)')
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+    console = None
+    if args.local_ranks_filter:
+        local = parse_rank_selection(args.local_ranks_filter) or set()
+        console = {p.rank for p in plans if p.local_rank in local}  # type: ignore[attr-defined]
+    return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
+                     grace_period=args.grace_period)

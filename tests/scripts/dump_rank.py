@@ -1,0 +1,15 @@
+"""A rank that records what it was given: argv and the launcher-set environment, as JSON in
+$DUMP_DIR/rank<RANK>.json. Exits with $EXIT_<RANK> if set (default 0)."""
+
+import json
+import os
+import sys
+
+KEYS = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'CROSS_RANK', 'CROSS_SIZE', 'MASTER_ADDR',
+        'MASTER_PORT', 'CUDA_VISIBLE_DEVICES', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'OMP_NUM_THREADS', 'DSLAUNCH_RUN_ID']
+rank = os.environ.get('RANK', 'x')
+with open(os.path.join(os.environ['DUMP_DIR'], f'rank{rank}.json'), 'w') as f:
+    json.dump({'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in KEYS if k in os.environ}}, f)
+print(f'hello from rank {rank}', flush=True)
+print(f'stderr from rank {rank}', file=sys.stderr, flush=True)
+sys.exit(int(os.environ.get(f'EXIT_{rank}', '0')))

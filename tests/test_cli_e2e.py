@@ -1,0 +1,265 @@
+"""End to end, as a user runs it: the `dslaunch` console script installed in the venv, real ranks,
+real signals. Every test's processes carry the conftest's tag, so survivors fail the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DSLAUNCH = str(Path(sys.executable).parent / 'dslaunch')
+SCRIPTS = Path(__file__).parent / 'scripts'
+DUMP = str(SCRIPTS / 'dump_rank.py')
+BEHAVE = str(SCRIPTS / 'behave.py')
+
+
+def dslaunch(*args: str, env: dict[str, str] | None = None, cwd: Path | str | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.pop('CUDA_VISIBLE_DEVICES', None)
+    full_env.update(env or {})
+    return subprocess.run([DSLAUNCH, *args], env=full_env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f'expected one error line, got: {proc.stderr!r}'
+    assert 'Traceback' not in proc.stderr
+    return lines[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('', 0))
+        return int(s.getsockname()[1])
+
+
+def test_trains_four_ranks_with_real_gloo_ddp() -> None:
+    proc = dslaunch('--num_gpus', '4', '--master_port', str(free_port()), str(ROOT / 'examples' / 'train.py'),
+                    '--steps', '6', timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    agree = [ln for ln in proc.stdout.splitlines() if 'parameters identical on all 4 ranks: True' in ln]
+    assert sorted(ln.split(']')[0] for ln in agree) == ['[0', '[1', '[2', '[3']
+    assert 'dslaunch: 4 ranks finished OK' in proc.stderr
+
+
+def test_rank_env_and_argv_match_deepspeed(tmp_path: Path) -> None:
+    port = free_port()
+    proc = dslaunch('--num_gpus', '3', '--master_port', str(port), DUMP, '--lr', '0.1', '--name', 'a b',
+                    env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    for r in range(3):
+        got = json.loads((tmp_path / f'rank{r}.json').read_text())
+        assert got['argv'] == [f'--local_rank={r}', '--lr', '0.1', '--name', 'a b']
+        env = got['env']
+        assert {k: env[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'CROSS_RANK', 'CROSS_SIZE',
+                                    'MASTER_ADDR', 'MASTER_PORT', 'CUDA_VISIBLE_DEVICES')} == {
+            'RANK': str(r), 'LOCAL_RANK': str(r), 'WORLD_SIZE': '3', 'LOCAL_SIZE': '3', 'CROSS_RANK': '0',
+            'CROSS_SIZE': '1', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'CUDA_VISIBLE_DEVICES': '0,1,2'}
+    # console lines are rank-prefixed and whole
+    assert sorted(ln for ln in proc.stdout.splitlines() if 'hello' in ln) == [
+        f'[{r}]: hello from rank {r}' for r in range(3)]
+
+
+def test_torch_distributed_launch_style(tmp_path: Path) -> None:
+    proc = dslaunch('--nproc-per-node', '2', '--master-port', str(free_port()), DUMP, '--x', '1',
+                    env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    for r in range(2):
+        got = json.loads((tmp_path / f'rank{r}.json').read_text())
+        assert got['argv'] == [f'--local-rank={r}', '--x', '1']
+        assert got['env']['LOCAL_WORLD_SIZE'] == '2' and got['env']['RANK'] == str(r)
+    proc = dslaunch('--nproc_per_node=2', '--use-env', DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / 'rank1.json').read_text())['argv'] == []
+
+
+def test_failing_rank_brings_the_job_down_fast_with_its_code(tmp_path: Path) -> None:
+    env = {'BEHAVE_1': 'exit:7:0.3', 'BEHAVE_0': 'sleep', 'BEHAVE_2': 'sleep'}
+    start = time.monotonic()
+    proc = dslaunch('--num_gpus', '3', BEHAVE, env=env)
+    took = time.monotonic() - start
+    assert proc.returncode == 7
+    assert took < 15, f'took {took:.1f}s: the 30 s grace period must not be waited out for ranks that obey SIGTERM'
+    assert 'rank 1' in proc.stderr and 'exit code 7' in proc.stderr
+
+
+def test_traceback_of_the_failing_rank_is_in_the_report() -> None:
+    proc = dslaunch('--num_gpus', '2', BEHAVE, env={'BEHAVE_0': 'sleep', 'BEHAVE_1': 'raise'})
+    assert proc.returncode == 1
+    tail = proc.stderr[proc.stderr.index('last stderr lines of rank 1'):]
+    assert 'ValueError: boom in rank 1' in tail
+
+
+def test_death_by_signal_is_128_plus_n() -> None:
+    proc = dslaunch('--num_gpus', '2', BEHAVE, env={'BEHAVE_0': 'sleep', 'BEHAVE_1': 'segv'})
+    assert proc.returncode == 128 + signal.SIGSEGV
+    assert 'killed by SIGSEGV' in proc.stderr
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_dslaunch_leaves_no_process(tmp_path: Path, sig: int) -> None:
+    env = dict(os.environ, MARK_DIR=str(tmp_path), BEHAVE_0='sleep', BEHAVE_1='sleep')
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    p = subprocess.Popen([DSLAUNCH, '--num_gpus', '2', BEHAVE], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob('*.started'))) < 2:
+        assert time.monotonic() < deadline, 'ranks did not start'
+        time.sleep(0.05)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + sig, err
+    # the conftest's survivor scan checks that no rank is left
+
+
+def test_dry_run_prints_the_launcher_command_and_starts_nothing(tmp_path: Path) -> None:
+    proc = dslaunch('--dry_run', '--num_gpus', '2', DUMP, '--a b', env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert '-m dslaunch.launch --world_info=eyJsb2NhbGhvc3QiOiBbMCwgMV19' in proc.stdout
+    assert "'--a b'" in proc.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_pid_file_exists_while_running_and_is_removed(tmp_path: Path) -> None:
+    env = dict(os.environ, MARK_DIR=str(tmp_path), BEHAVE_0='sleep')
+    p = subprocess.Popen([DSLAUNCH, '--num_gpus', '1', '--save_pid', BEHAVE], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    pid_file = Path(f'/tmp/{p.pid}.deepspeed')
+    deadline = time.monotonic() + 30
+    while not (tmp_path / 'rank0.started').exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert pid_file.read_text().strip() == str(p.pid)  # local mode: the launcher runs in-process
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=30)
+    assert not pid_file.exists()
+
+
+def test_each_rank_log_files(tmp_path: Path) -> None:
+    logs = tmp_path / 'logs'
+    proc = dslaunch('--num_gpus', '2', '--enable_each_rank_log', str(logs), DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(logs.iterdir())
+    assert [f.name[14:] for f in files] == ['_rank0.log', '_rank1.log'] and files[0].name[:14].isdigit()
+    assert files[1].read_text().splitlines() == ['hello from rank 1', 'stderr from rank 1']
+
+
+def test_raw_output_and_console_ranks(tmp_path: Path) -> None:
+    proc = dslaunch('--num_gpus', '3', '--raw_output', DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert sorted(ln for ln in proc.stdout.splitlines() if 'hello' in ln) == [f'hello from rank {r}' for r in range(3)]
+    proc = dslaunch('--num_gpus', '3', '--console_ranks', '0,2', DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert sorted(ln for ln in proc.stdout.splitlines() if 'hello' in ln) == ['[0]: hello from rank 0',
+                                                                              '[2]: hello from rank 2']
+
+
+def test_cli_does_not_import_torch_on_the_way() -> None:
+    code = ('import runpy, sys\n'
+            "sys.argv = ['dslaunch', '--no_python', '--num_gpus', '1', '/bin/true']\n"
+            'try:\n    runpy.run_module("dslaunch", run_name="__main__")\n'
+            'except SystemExit as e:\n    assert e.code == 0, e.code\n'
+            "print(sorted(m for m in ('torch', 'numpy', 'rich', 'psutil') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == '[]'
+
+
+# ---- bad input: one clear line on stderr, a non-zero exit, nothing started --------------------
+
+def hostfile(tmp_path: Path, text: str) -> str:
+    path = tmp_path / 'hostfile'
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(('text', 'extra', 'needle'), [
+    ('worker-0 slots=2\nworker-0 slots=2\n', [], 'multiple entries for worker-0'),
+    ('worker-0 slots=four\n', [], 'bad entry'),
+    ('# only a comment\n', [], 'empty'),
+    ('localhost slots=2\n', ['--include', 'nohost'], "'nohost' not found"),
+    ('localhost slots=2\n', ['--include', 'localhost:5'], "No slot '5'"),
+    ('localhost slots=2\n', ['--include', 'localhost', '--exclude', 'localhost:1'], 'mutually exclusive'),
+    ('localhost slots=2\n', ['--num_gpus', '4'], '4'),
+])
+def test_bad_hostfile_and_filters(tmp_path: Path, text: str, extra: list[str], needle: str) -> None:
+    proc = dslaunch('-H', hostfile(tmp_path, text), *extra, DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode != 0
+    assert needle in one_error_line(proc)
+    assert not list(tmp_path.glob('rank*.json'))
+
+
+def test_missing_script(tmp_path: Path) -> None:
+    proc = dslaunch('--num_gpus', '2', str(tmp_path / 'nope.py'))
+    assert proc.returncode != 0
+    assert 'nope.py' in one_error_line(proc)
+
+
+def test_missing_program_with_no_python(tmp_path: Path) -> None:
+    proc = dslaunch('--no_python', '--num_gpus', '2', 'no-such-program-xyz')
+    assert proc.returncode != 0
+    assert 'no-such-program-xyz' in one_error_line(proc)
+
+
+def test_taken_master_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('', 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = dslaunch('--num_gpus', '1', '--master_port', str(port), DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode != 0
+    assert str(port) in one_error_line(proc)
+    assert not list(tmp_path.glob('rank*.json'))
+
+
+def test_master_port_zero_picks_a_free_port(tmp_path: Path) -> None:
+    proc = dslaunch('--num_gpus', '1', '--master_port', '0', DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    port = int(json.loads((tmp_path / 'rank0.json').read_text())['env']['MASTER_PORT'])
+    assert 0 < port < 65536
+
+
+def launch_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, '-m', 'dslaunch.launch', *args], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL)
+
+
+def test_per_node_launcher_runs_deepspeed_world_info(tmp_path: Path) -> None:
+    # {"worker-0": [0, 1], "worker-1": [0, 1]} encoded by DeepSpeed itself (golden vector)
+    wi = 'eyJ3b3JrZXItMCI6IFswLCAxXSwgIndvcmtlci0xIjogWzAsIDFdfQ=='
+    proc = launch_module(f'--world_info={wi}', '--node_rank=1', '--master_addr=10.0.0.1', '--master_port=29511',
+                         DUMP, '--lr', '0.1', env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / 'rank3.json').read_text())
+    assert got['argv'] == ['--local_rank=1', '--lr', '0.1']
+    assert got['env']['CROSS_RANK'] == '1' and got['env']['WORLD_SIZE'] == '4' and got['env']['LOCAL_RANK'] == '1'
+
+
+@pytest.mark.parametrize(('args', 'needle'), [
+    (['--world_info=garbage!!'], 'world_info'),
+    (['--world_info=None'], 'world_info'),
+    (['--world_info=eyJsb2NhbGhvc3QiOiBbMCwgMV19', '--node_rank=3'], 'node_rank'),
+])
+def test_per_node_launcher_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = launch_module(*args, DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode != 0
+    assert needle in one_error_line(proc)
+    assert not list(tmp_path.glob('rank*.json'))
+
+
+def test_launcher_helper_exits_with_the_childs_status() -> None:
+    env = {'PMI_RANK': '0', 'MPI_LOCALRANKID': '0'}
+    proc = subprocess.run([sys.executable, '-m', 'dslaunch.launcher_helper', '--launcher', 'mpich', BEHAVE],
+                          env=dict(os.environ, BEHAVE_0='exit:5:0', **env), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 5, proc.stderr

@@ -52,9 +52,33 @@ format: ## format Rust and Python
 	$(PY) -m ruff format python tests benches examples
 
 .PHONY: bench
-bench: install ## benchmarks against the peers (see docs/benchmarks.md)
-	$(PY) benches/bench_core.py
+bench: install ## benchmarks against the peers, side by side (sets up .bench-venv; see docs/benchmarks.md)
+	bash benches/setup_peers.sh
+	$(PY) benches/bench.py $(BENCH_ARGS)
 
 .PHONY: bench-quick
-bench-quick: install ## a quick smoke run of the benchmark harness
-	$(PY) benches/bench_core.py --quick
+bench-quick: install ## a quick smoke run of the benchmark harness (N<=64, 1 rep; peers used if installed)
+	$(PY) benches/bench.py --quick $(BENCH_ARGS)
+
+.PHONY: bench-peers
+bench-peers: ## set up .bench-venv only: torch, deepspeed==0.19.8, matplotlib, py-spy
+	bash benches/setup_peers.sh
+
+# ---- multi-node test engines (tests/infra/, tests/multinode/) ---------------------------------------
+# The multi-node tests bring hosts and Slurm up and down themselves; these targets are for working by hand.
+IMPI_VENV ?= .impi-venv
+HOSTS ?= 2
+
+.PHONY: system-deps
+system-deps: ## root, Debian 12: install the multi-node test engines (ssh, pdsh, MPIs, Slurm; Intel MPI into $(IMPI_VENV))
+	bash tests/infra/system-deps.sh
+	bash tests/infra/impi-venv.sh $(IMPI_VENV)
+
+.PHONY: hosts-up
+hosts-up: ## start $(HOSTS) test hosts (network namespaces with sshd) and Slurm on them; then: tests/infra/onhost h1 CMD
+	bash tests/infra/hosts-up.sh $(HOSTS)
+	bash tests/infra/slurm-up.sh
+
+.PHONY: hosts-down
+hosts-down: ## stop Slurm and the test hosts
+	bash tests/infra/hosts-down.sh

@@ -11,24 +11,24 @@ process kills the job if the launcher itself is SIGKILLed. Every process of a jo
 import os
 from collections.abc import Mapping, Sequence
 from types import FrameType, TracebackType
-from typing import Literal, final
+from typing import Literal, TypeAlias, final
 
 __all__ = [
-    'RankSpec',
+    'RUN_ID_VAR',
     'RankResult',
+    'RankSpec',
     'Report',
     'Supervisor',
-    '_SignalForwarder',
-    'kill_tree',
-    'find_marked',
     'SupervisorError',
-    'RUN_ID_VAR',
+    '_SignalForwarder',
     '__version__',
+    'find_marked',
+    'kill_tree',
 ]
 __version__: str
 RUN_ID_VAR: str
 
-_StrPath = str | os.PathLike[str]
+_StrPath: TypeAlias = str | os.PathLike[str]
 
 class SupervisorError(RuntimeError):
     """The supervisor was used in the wrong order (started twice, waited on before start)."""
@@ -170,6 +170,9 @@ class Supervisor:
         """Waits with the GIL released until the job is over; None if `timeout` passed first."""
     def poll(self) -> Report | None:
         """The report if the job is over, else None. Never blocks."""
+    def wait_exits(self, timeout: float | None = None) -> list[RankResult]:
+        """Waits until some rank has exited since the last call, the job is over, or `timeout`
+        passes; returns the ranks that exited since the last call (possibly none)."""
     def status(self) -> list[RankResult]:
         """Every rank's state now. Never blocks."""
     def send_signal(self, signal: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 
 from dslaunch.errors import DslaunchError, UsageError
@@ -82,10 +83,20 @@ def run_plans(
     grace_period: float = 30.0,
     save_pid: int = 0,
     run_id: str | None = None,
+    node_rank: int | None = None,
 ) -> int:
-    """Starts the planned ranks, waits for them, prints the report; returns the exit status."""
-    from dslaunch import _core
+    """Starts the planned ranks, waits for them, prints the report; returns the exit status.
+
+    Under a multi-node runner (`DSLAUNCH_REPORT_TO` and `DSLAUNCH_JOB_TOKEN` in `environ`), the
+    first failure is reported to the runner the moment it happens, and a stop from the runner
+    (or the loss of the connection to it) tears this node's ranks down.
+    """
+    from dslaunch import _core, jobchannel
     from dslaunch.report import print_report
+
+    environ = dict(environ)
+    report_to = environ.pop(jobchannel.REPORT_TO_ENV, None)
+    token = environ.pop(jobchannel.TOKEN_ENV, None)
 
     specs = [
         _core.RankSpec(p.argv, env=p.env_overrides, log_file=p.log_name, tag=str(p.rank))  # type: ignore[attr-defined]
@@ -102,14 +113,40 @@ def run_plans(
         grace_period=grace_period,
         run_id=run_id,
     )
+    stops: list[int] = []
+    started = threading.Event()
+
+    def on_stop(sig: int) -> None:
+        stops.append(sig)
+        if started.is_set():
+            sup.send_signal(sig)
+
+    client = None
+    if report_to and token:
+        try:
+            client = jobchannel.JobClient(report_to, token, node_rank or 0, on_stop)
+        except OSError as e:
+            raise DslaunchError(f'cannot reach the dslaunch runner at {report_to}: {e.strerror or e}') from None
     with PidFile(save_pid):
         try:
             sup.start()
         except OSError as e:
             what = e.filename or ''
             raise DslaunchError(f'cannot start a rank: {e.strerror or e}: {what}'.rstrip(': ')) from None
+        started.set()
+        if stops:
+            sup.send_signal(stops[0])  # a stop that arrived while the ranks were starting
+        if client is not None:
+            reported = False
+            while not sup.done:
+                for r in sup.wait_exits():
+                    if not reported and not stops and r.state in ('failed', 'killed'):
+                        client.report_failure(int(r.tag), r.returncode, r.exit_status, r.stderr_tail)
+                        reported = True
         report = sup.wait()
     assert report is not None
+    if client is not None:
+        client.report_done(report.returncode)
     if plans:
         print_report(report)
     return report.returncode
@@ -135,5 +172,5 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         console_ranks=parse_rank_selection(getattr(args, 'console_ranks', None)),
         grace_period=getattr(args, 'grace_period', 30.0),
         save_pid=getattr(args, 'save_pid', 0) or 0,
-        run_id=env.get('DSLAUNCH_JOB_ID'),
+        node_rank=args.node_rank,
     )

@@ -14,8 +14,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from dslaunch.errors import UsageError
+
+if TYPE_CHECKING:
+    from dslaunch.launch import RankPlan
 
 #: Options that only torch's launchers have: seeing one before the script selects this front end.
 TORCH_ONLY_OPTIONS = (
@@ -85,7 +89,7 @@ def nproc_from(spec: str) -> int:
     return n
 
 
-def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str) -> list[object]:
+def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str) -> list[RankPlan]:
     from dslaunch.launch import RankPlan
 
     try:
@@ -143,8 +147,8 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     plans = plans_for(args, python=sys.executable, log_stamp=time.strftime('%Y%m%d%H%M%S'))
     if args.dry_run:
         for p in plans:
-            env = ' '.join(f'{k}={shlex.quote(v)}' for k, v in p.env_overrides.items())  # type: ignore[attr-defined]
-            print(f'{env} {shlex.join(p.argv)}')  # type: ignore[attr-defined]
+            env = ' '.join(f'{k}={shlex.quote(v)}' for k, v in p.env_overrides.items())
+            print(f'{env} {shlex.join(p.argv)}')
         return 0
     args.training_script_args = list(args.training_script_args)
     check_script(argparse.Namespace(no_python=args.no_python, module=args.module,
@@ -158,6 +162,6 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     console = None
     if args.local_ranks_filter:
         local = parse_rank_selection(args.local_ranks_filter) or set()
-        console = {p.rank for p in plans if p.local_rank in local}  # type: ignore[attr-defined]
+        console = {p.rank for p in plans if p.local_rank in local}
     return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
                      grace_period=args.grace_period)

@@ -511,6 +511,39 @@ impl PySupervisor {
         PyList::new(py, objs)
     }
 
+    /// Waits (GIL released) until some rank has exited since the last call, the job is over, or
+    /// `timeout` passes; returns the ranks that exited since the last call (possibly none).
+    /// For callers that react to each exit as it happens (per-node failure reports, agents).
+    #[pyo3(signature = (timeout=None))]
+    fn wait_exits<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyList>> {
+        let sup = self.handle()?;
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let exits = loop {
+            let ready = py.detach(|| {
+                let step = deadline.map_or(Duration::from_millis(250), |d| {
+                    d.saturating_duration_since(Instant::now()).min(Duration::from_millis(250))
+                });
+                let (exit_fd, done_fd) = (sup.exit_fd(), sup.done_fd());
+                let mut fds = [
+                    rustix::event::PollFd::new(&exit_fd, rustix::event::PollFlags::IN),
+                    rustix::event::PollFd::new(&done_fd, rustix::event::PollFlags::IN),
+                ];
+                let ts = rustix::event::Timespec::try_from(step).ok();
+                let _ = rustix::event::poll(&mut fds, ts.as_ref());
+                fds.iter().any(|f| !f.revents().is_empty())
+            });
+            py.check_signals()?;
+            let exits = sup.take_exits();
+            if !exits.is_empty() || (ready && sup.is_done()) || deadline.is_some_and(|d| Instant::now() >= d) {
+                break exits;
+            }
+        };
+        let items: Vec<PyRankResult> =
+            sup.with_state(|st| exits.iter().map(|&i| PyRankResult::from_info(i, &st.ranks[i])).collect());
+        let objs: Vec<Py<PyRankResult>> = items.into_iter().map(|r| Py::new(py, r)).collect::<PyResult<_>>()?;
+        PyList::new(py, objs)
+    }
+
     /// Forwards `signal` to every running rank's process group, as if the launcher had received
     /// it (SIGINT, SIGTERM and SIGHUP also end the job).
     fn send_signal(&self, signal: i32) -> PyResult<()> {

@@ -109,7 +109,22 @@ pub fn spawn(req: &SpawnRequest<'_>) -> CoreResult<Spawned> {
         Some(cwd) if argv0.as_bytes().contains(&b'/') && !argv0.as_bytes().starts_with(b"/") => cwd.join(argv0),
         _ => resolve_program(argv0, rank_path(req).as_deref()).map_err(|e| CoreError::spawn(e, argv0))?,
     };
-    let mut cmd = Command::new(&program);
+    // FIX (tests/test_core_spawn.py::test_rank_sees_clean_process_state): std's Command resets
+    // only SIGPIPE, so a rank inherited every other ignored disposition (SIGXFSZ, which Python
+    // ignores, and signals 32/33, which glibc's posix_spawn child sets to SIG_IGN for its own
+    // reasons), and it kept every inheritable fd the launcher had (a shell's leaked fds), where
+    // `subprocess.Popen` (close_fds, restore_signals) gives a clean child. Calling posix_spawn
+    // ourselves adds POSIX_SPAWN_SETSIGDEF (all signals) and closefrom(3) and stays vfork-cheap.
+    match posix_spawn_rank(&program, req) {
+        Some(result) => result,
+        None => spawn_with_std(&program, req), // glibc older than 2.29 with a cwd: no addchdir_np
+    }
+}
+
+/// The old path through `std::process::Command` (only when glibc cannot chdir in posix_spawn).
+fn spawn_with_std(program: &Path, req: &SpawnRequest<'_>) -> CoreResult<Spawned> {
+    let argv0 = &req.argv[0];
+    let mut cmd = Command::new(program);
     cmd.arg0(argv0).args(&req.argv[1..]);
     if let Some(env) = req.env {
         cmd.env_clear();
@@ -120,15 +135,156 @@ pub fn spawn(req: &SpawnRequest<'_>) -> CoreResult<Spawned> {
         cmd.current_dir(cwd);
     }
     cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| CoreError::spawn(e, &program))?;
+    let mut child = cmd.spawn().map_err(|e| CoreError::spawn(e, program))?;
     let pid = child.id() as i32;
     let stdout: OwnedFd = child.stdout.take().expect("piped stdout").into();
     let stderr: OwnedFd = child.stderr.take().expect("piped stderr").into();
     // `child` is dropped without waiting: std neither kills nor reaps on drop; the pidfd reaps.
-    let pidfd = reap::pidfd_open(pid)?;
-    set_nonblocking(&stdout)?;
-    set_nonblocking(&stderr)?;
-    Ok(Spawned { pid, pidfd, stdout, stderr })
+    finish_spawn(pid, stdout, stderr)
+}
+
+/// Opens the pidfd and makes our pipe ends non-blocking. If that fails (EMFILE), the child is
+/// killed and reaped here: it is not in anyone's list yet, so nobody else would.
+fn finish_spawn(pid: i32, stdout: OwnedFd, stderr: OwnedFd) -> CoreResult<Spawned> {
+    let setup = || -> io::Result<OwnedFd> {
+        let pidfd = reap::pidfd_open(pid)?;
+        set_nonblocking(&stdout)?;
+        set_nonblocking(&stderr)?;
+        Ok(pidfd)
+    };
+    match setup() {
+        Ok(pidfd) => Ok(Spawned { pid, pidfd, stdout, stderr }),
+        Err(e) => {
+            crate::signals::killpg(pid, libc::SIGKILL);
+            let mut status = 0;
+            // SAFETY: waitpid on our own just-started child with a valid out-pointer.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            Err(e.into())
+        }
+    }
+}
+
+type AddChdir = unsafe extern "C" fn(*mut libc::posix_spawn_file_actions_t, *const libc::c_char) -> libc::c_int;
+type AddClosefrom = unsafe extern "C" fn(*mut libc::posix_spawn_file_actions_t, libc::c_int) -> libc::c_int;
+
+/// Looks up an optional glibc function once (addchdir_np: glibc 2.29, addclosefrom_np: 2.34),
+/// so the extension still loads on an older glibc.
+fn glibc_fn(name: &std::ffi::CStr, cache: &std::sync::OnceLock<usize>) -> usize {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name; the result is only an address.
+    *cache.get_or_init(|| unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize)
+}
+
+fn cstring(s: &OsStr) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(s.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// A pipe whose write end is >= 3, so the dup2 file actions onto 0..=2 cannot clobber it.
+fn rank_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let w = if w.as_raw_fd() < 3 { rustix::io::fcntl_dupfd_cloexec(&w, 3)? } else { w };
+    Ok((r, w))
+}
+
+/// posix_spawn with stdin on /dev/null, stdout/stderr on fresh pipes, its own process group,
+/// an empty signal mask, every signal at its default action and every other fd closed.
+/// `None` when this glibc cannot honour the cwd inside posix_spawn.
+fn posix_spawn_rank(program: &Path, req: &SpawnRequest<'_>) -> Option<CoreResult<Spawned>> {
+    static ADDCHDIR: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static ADDCLOSEFROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let addchdir = glibc_fn(c"posix_spawn_file_actions_addchdir_np", &ADDCHDIR);
+    let addclosefrom = glibc_fn(c"posix_spawn_file_actions_addclosefrom_np", &ADDCLOSEFROM);
+    if req.cwd.is_some() && addchdir == 0 {
+        return None;
+    }
+    let io_err = |e: io::Error| CoreError::spawn(e, program);
+    let build = || -> io::Result<_> {
+        // The chdir happens before the exec, so a relative path must not be re-read from there.
+        let prog = match req.cwd {
+            Some(_) if program.is_relative() => cstring(std::env::current_dir()?.join(program).as_os_str())?,
+            _ => cstring(program.as_os_str())?,
+        };
+        let argv = req.argv.iter().map(|a| cstring(a)).collect::<io::Result<Vec<_>>>()?;
+        // The environment: the base (or ours), then the overrides, later keys replacing earlier.
+        let mut env: std::collections::BTreeMap<OsString, OsString> = match req.env {
+            Some(e) => e.iter().cloned().collect(),
+            None => std::env::vars_os().collect(),
+        };
+        env.extend(req.env_overrides.iter().cloned());
+        let envp = env
+            .into_iter()
+            .map(|(k, v)| {
+                let mut kv = k;
+                kv.push("=");
+                kv.push(v);
+                cstring(&kv)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let cwd = req.cwd.map(|c| cstring(c.as_os_str())).transpose()?;
+        Ok((prog, argv, envp, cwd))
+    };
+    let (prog, argv, envp, cwd) = match build() {
+        Ok(b) => b,
+        Err(e) => return Some(Err(io_err(e))),
+    };
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr() as *mut _).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|a| a.as_ptr() as *mut _).collect();
+    envp_p.push(std::ptr::null_mut());
+    let pipes = rank_pipe().and_then(|o| rank_pipe().map(|e| (o, e)));
+    let ((out_r, out_w), (err_r, err_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => return Some(Err(io_err(e))),
+    };
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: the attr and file-actions objects are initialised before use and destroyed after;
+    // every pointer passed (paths, argv, envp, the NULL-terminated pointer arrays) outlives the
+    // posix_spawn call; the function pointers come from dlsym with the glibc signatures.
+    let rc = unsafe {
+        let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        libc::posix_spawn_file_actions_init(&mut fa);
+        libc::posix_spawnattr_init(&mut attr);
+        let mut rc = libc::posix_spawn_file_actions_addopen(&mut fa, 0, c"/dev/null".as_ptr(), libc::O_RDONLY, 0);
+        for (fd, target) in [(out_w.as_raw_fd(), 1), (err_w.as_raw_fd(), 2)] {
+            if rc == 0 {
+                rc = libc::posix_spawn_file_actions_adddup2(&mut fa, fd, target);
+            }
+        }
+        if let (0, Some(cwd)) = (rc, cwd.as_ref()) {
+            rc = std::mem::transmute::<usize, AddChdir>(addchdir)(&mut fa, cwd.as_ptr());
+        }
+        if rc == 0 && addclosefrom != 0 {
+            rc = std::mem::transmute::<usize, AddClosefrom>(addclosefrom)(&mut fa, 3);
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        // Every bit, not sigfillset: glibc's leaves out its internal signals 32 and 33, and its
+        // posix_spawn child then sets those to SIG_IGN, which the exec'd rank would inherit.
+        std::ptr::write_bytes(&mut all, 0xff, 1);
+        let flags = libc::POSIX_SPAWN_SETPGROUP | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        for step in [
+            libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short),
+            libc::posix_spawnattr_setpgroup(&mut attr, 0),
+            libc::posix_spawnattr_setsigmask(&mut attr, &none),
+            libc::posix_spawnattr_setsigdefault(&mut attr, &all),
+        ] {
+            if rc == 0 {
+                rc = step;
+            }
+        }
+        if rc == 0 {
+            rc = libc::posix_spawn(&mut pid, prog.as_ptr(), &fa, &attr, argv_p.as_ptr(), envp_p.as_ptr());
+        }
+        libc::posix_spawn_file_actions_destroy(&mut fa);
+        libc::posix_spawnattr_destroy(&mut attr);
+        rc
+    };
+    drop((out_w, err_w));
+    if rc != 0 {
+        return Some(Err(io_err(io::Error::from_raw_os_error(rc))));
+    }
+    Some(finish_spawn(pid, out_r, err_r))
 }
 
 /// Sets O_NONBLOCK on our end of a pipe (never on a shared terminal or file).

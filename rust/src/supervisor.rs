@@ -180,6 +180,11 @@ impl JobState {
 struct Shared {
     state: Mutex<JobState>,
     commands: Mutex<Vec<Command>>,
+    /// Ranks that exited since the caller last took them (`take_exits`), in the order seen.
+    exits: Mutex<Vec<usize>>,
+    /// Readable while `exits` may be non-empty.
+    exit_r: OwnedFd,
+    exit_w: OwnedFd,
     done_r: OwnedFd,
     done_w: OwnedFd,
 }
@@ -277,6 +282,10 @@ impl Supervisor {
             }
         }
 
+        // FIX (tests/test_core_scale.py::test_running_out_of_fds_fails_cleanly): every rank is
+        // running now; if anything below fails (EMFILE on a pipe, a thread that cannot start), the
+        // `?` returned with the ranks left running untracked. The guard kills them on that path.
+        let mut abort = AbortOnError { pids: ranks.iter().map(|r| r.pid).collect(), marker: marker.clone().into_bytes() };
         let (done_r, done_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK).map_err(io::Error::from)?;
         let state = JobState {
             ranks: ranks.clone(),
@@ -288,11 +297,22 @@ impl Supervisor {
             ended_at: None,
             leftovers_killed: 0,
         };
-        let shared = Arc::new(Shared { state: Mutex::new(state), commands: Mutex::new(Vec::new()), done_r, done_w });
+        let (exit_r, exit_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
+            .map_err(io::Error::from)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            commands: Mutex::new(Vec::new()),
+            exits: Mutex::new(Vec::new()),
+            exit_r,
+            exit_w,
+            done_r,
+            done_w,
+        });
         let pids = ranks.iter().map(|r| r.pid).collect();
 
         let mut lp = Loop::new(poll, shared.clone(), &cfg, marker.into_bytes(), spawned, ranks, logs, out, err, guard)?;
         let thread = std::thread::Builder::new().name("dslaunch-supervisor".into()).spawn(move || lp.run())?;
+        abort.pids.clear(); // started: the loop owns the ranks now
         Ok(Supervisor {
             inner: Arc::new(Inner { shared, waker, thread: Mutex::new(Some(thread)), run_id: cfg.run_id, pids }),
         })
@@ -332,6 +352,19 @@ impl Supervisor {
     /// Becomes readable (and stays so) when the job is over: for poll/epoll in callers.
     pub fn done_fd(&self) -> BorrowedFd<'_> {
         self.inner.shared.done_r.as_fd()
+    }
+
+    /// Becomes readable when a rank has exited since the last `take_exits` (or the job is over).
+    pub fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.inner.shared.exit_r.as_fd()
+    }
+
+    /// The ranks that exited since the last call, in the order their exits were seen; their
+    /// final state is already in `state()`. Never blocks.
+    pub fn take_exits(&self) -> Vec<usize> {
+        let mut sink = [0u8; 256];
+        while matches!(rustix::io::read(&self.inner.shared.exit_r, &mut sink), Ok(n) if n > 0) {}
+        std::mem::take(&mut *lock(&self.inner.shared.exits))
     }
 
     /// Blocks until the job is over or `timeout` passes; returns whether it is over.
@@ -375,6 +408,33 @@ impl Drop for Inner {
     }
 }
 
+/// Kills and reaps the started ranks (and whatever they started) when `start` fails after the
+/// spawn loop: dropped on the `?` path while `pids` is non-empty.
+struct AbortOnError {
+    pids: Vec<i32>,
+    marker: Vec<u8>,
+}
+
+impl Drop for AbortOnError {
+    fn drop(&mut self) {
+        if self.pids.is_empty() {
+            return;
+        }
+        for &pid in &self.pids {
+            signals::killpg(pid, libc::SIGKILL);
+        }
+        for &pid in &self.pids {
+            let mut status = 0;
+            // SAFETY: waitpid on our own (SIGKILLed, unreaped) child with a valid out-pointer.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+        }
+        for pid in tree::marked_processes(&self.marker) {
+            tree::kill_tree(pid, Duration::ZERO);
+            reap::reap_zombie(pid);
+        }
+    }
+}
+
 /// Kills and reaps ranks started before a later spawn failed.
 fn abort_spawned(spawned: &[spawn::Spawned], marker: &[u8]) {
     for s in spawned {
@@ -385,6 +445,7 @@ fn abort_spawned(spawned: &[spawn::Spawned], marker: &[u8]) {
     }
     for pid in tree::marked_processes(marker) {
         tree::kill_tree(pid, Duration::ZERO);
+        reap::reap_zombie(pid); // kill_tree leaves the root to its owner: here, us (an adopted orphan)
     }
 }
 
@@ -439,6 +500,7 @@ struct Loop {
     interrupted_by: Option<i32>,
     stopped: bool,
     job_dirty: bool,
+    new_exits: Vec<usize>,
     buf: Vec<u8>,
     guard: Option<Watchdog>,
     my_pid: i32,
@@ -505,6 +567,7 @@ impl Loop {
             interrupted_by: None,
             stopped: false,
             job_dirty: false,
+            new_exits: Vec::new(),
             buf: vec![0; 64 * 1024],
             guard,
             my_pid: std::process::id() as i32,
@@ -760,6 +823,7 @@ impl Loop {
         rank.info.ended_at = Some(SystemTime::now());
         rank.dirty = true;
         self.job_dirty = true;
+        self.new_exits.push(r);
         if !status.success() && self.teardown.is_none() && self.first_failure.is_none() {
             self.first_failure = Some(r);
             if self.fail_fast {
@@ -954,7 +1018,13 @@ impl Loop {
             st.done = true;
             st.ended_at = Some(SystemTime::now());
         }
+        drop(st);
         self.job_dirty = false;
+        // Announce exits only after the state holding them is published.
+        if !self.new_exits.is_empty() {
+            lock(&self.shared.exits).append(&mut self.new_exits);
+            let _ = rustix::io::write(&self.shared.exit_w, b"x");
+        }
     }
 
     fn finalize(&mut self) {
@@ -965,10 +1035,13 @@ impl Loop {
                     let mut chunk = Vec::new();
                     let mut f = File::from(fd.try_clone().expect("dup"));
                     let _ = (&mut f).take(1 << 20).read_to_end(&mut chunk);
-                    if !chunk.is_empty() {
-                        let n = chunk.len().min(self.buf.len());
-                        self.buf[..n].copy_from_slice(&chunk[..n]);
-                        self.on_output(i, n);
+                    // FIX (tests/test_core_logmux.py::test_nothing_lost_when_the_job_ends_while_the_console_is_paused):
+                    // feed all of it, a buffer at a time. Only the first 64 KiB was fed before, so a
+                    // pipe holding more (enlarged with F_SETPIPE_SZ, or fed by a leftover writer) lost
+                    // the rest of its rank's output when the job ended while a slow console was paused.
+                    for piece in chunk.chunks(self.buf.len()) {
+                        self.buf[..piece.len()].copy_from_slice(piece);
+                        self.on_output(i, piece.len());
                     }
                 }
                 self.close_stream(i);

@@ -109,7 +109,8 @@ pub fn marked_processes(marker: &[u8]) -> Vec<i32> {
 
 /// Kills `pid` and all its descendants: SIGTERM to each (and to its group if it leads one), up
 /// to `grace` for them to exit, then SIGKILL to whatever is left, re-walking the tree each round
-/// so processes forked meanwhile are caught too. Our own children among them are reaped.
+/// so processes forked meanwhile are caught too. Our own children among the descendants are
+/// reaped; `pid` itself is not: its owner (a `subprocess.Popen`, say) reaps it and reads its status.
 /// Returns how many distinct processes were signalled.
 pub fn kill_tree(pid: i32, grace: Duration) -> usize {
     let my_pid = std::process::id() as i32;
@@ -122,8 +123,14 @@ pub fn kill_tree(pid: i32, grace: Duration) -> usize {
     let mut sig = libc::SIGTERM;
     loop {
         let procs = snapshot();
-        let mut targets = vec![pid];
-        targets.extend(descendants(&procs, &[pid]));
+        // FIX (tests/test_core_orphans.py::test_kill_tree_follows_reparented_descendants): walk
+        // from the processes signalled earlier that have not exited, too. Once `pid` dies of the
+        // SIGTERM, its descendants are re-parented (to init or a subreaper) and no longer descend
+        // from it, so ones that ignore SIGTERM were never sent the SIGKILL and survived.
+        let mut roots = vec![pid];
+        roots.extend(watched.iter().map(|(p, _)| *p));
+        let mut targets = roots.clone();
+        targets.extend(descendants(&procs, &roots));
         let alive: Vec<&ProcStat> =
             procs.iter().filter(|p| targets.contains(&p.pid) && !p.is_dead()).collect();
         for p in &alive {
@@ -137,8 +144,11 @@ pub fn kill_tree(pid: i32, grace: Duration) -> usize {
                 }
             }
         }
-        // Reap the zombies that are ours (the launcher may be their subreaper).
-        for p in procs.iter().filter(|p| targets.contains(&p.pid) && p.is_dead() && p.ppid == my_pid) {
+        // Reap the zombies that are ours (the launcher may be their subreaper). FIX
+        // (tests/test_core_orphans.py::test_kill_tree_kills_setsid_and_regrouped_descendants):
+        // never `pid` itself. Reaping it stole the exit from its owner: `Popen.wait()` then got
+        // ECHILD and reported returncode 0 for a process that was killed.
+        for p in procs.iter().filter(|p| p.pid != pid && targets.contains(&p.pid) && p.is_dead() && p.ppid == my_pid) {
             reap::reap_zombie(p.pid);
         }
         if alive.is_empty() {
@@ -147,7 +157,8 @@ pub fn kill_tree(pid: i32, grace: Duration) -> usize {
         if sig == libc::SIGKILL && Instant::now() > deadline + Duration::from_secs(5) {
             break; // unkillable (D state): give up rather than hang the caller
         }
-        wait_for_exits(&mut watched, if sig == libc::SIGKILL { Instant::now() + Duration::from_millis(50) } else { deadline });
+        let until = if sig == libc::SIGKILL { Instant::now() + Duration::from_millis(50) } else { deadline };
+        wait_for_exits(&mut watched, until, pid);
         if Instant::now() >= deadline {
             sig = libc::SIGKILL;
         }
@@ -156,8 +167,8 @@ pub fn kill_tree(pid: i32, grace: Duration) -> usize {
 }
 
 /// Waits on the pidfds (no sleep loop) until every watched process has exited or `until`.
-/// Exited ones are reaped if they are ours and dropped from the list.
-fn wait_for_exits(watched: &mut Vec<(i32, OwnedFd)>, until: Instant) {
+/// Exited ones are reaped if they are ours (except `keep`, the caller's) and dropped from the list.
+fn wait_for_exits(watched: &mut Vec<(i32, OwnedFd)>, until: Instant, keep: i32) {
     use rustix::event::{poll, PollFd, PollFlags};
     while !watched.is_empty() {
         let now = Instant::now();
@@ -178,7 +189,7 @@ fn wait_for_exits(watched: &mut Vec<(i32, OwnedFd)>, until: Instant) {
         watched.retain(|(pid, fd)| {
             let gone = exited[i];
             i += 1;
-            if gone && reap::try_reap(fd).is_err() {
+            if gone && *pid != keep && reap::try_reap(fd).is_err() {
                 reap::reap_zombie(*pid);
             }
             !gone

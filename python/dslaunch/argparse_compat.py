@@ -1,0 +1,35 @@
+"""An ``ArgumentParser`` that can grow dslaunch-only options without changing DeepSpeed's CLI.
+
+argparse accepts unambiguous prefixes of long options (``--num_gpu 2``, ``--e logs``).
+Adding an option can turn a prefix that used to be unique into an ambiguous one: with
+``--enable_elastic_training`` added, launch.py's ``--e`` would stop meaning
+``--enable_each_rank_log``. Options registered with ``add_extension`` therefore only take
+part in prefix matching when no DeepSpeed option matches the prefix, so every command line
+DeepSpeed accepts parses identically, and every prefix error reads the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ['CompatArgumentParser']
+
+
+class CompatArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` plus ``add_extension`` for options DeepSpeed does not have."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._extension_actions: set[argparse.Action] = set()
+        super().__init__(*args, **kwargs)
+
+    def add_extension(self, *names: str, **kwargs: Any) -> argparse.Action:
+        """Add an option that must never shadow a DeepSpeed option's abbreviations."""
+        action = self.add_argument(*names, **kwargs)
+        self._extension_actions.add(action)
+        return action
+
+    def _get_option_tuples(self, option_string: str) -> list[Any]:  # argparse internal hook
+        matches = super()._get_option_tuples(option_string)
+        native = [m for m in matches if m[0] not in self._extension_actions]
+        return native if native else matches

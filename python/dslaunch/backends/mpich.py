@@ -1,0 +1,57 @@
+"""MPICH (Hydra): ``mpirun -n N -ppn P -genv K V ... -hosts h0,h1 python -u -m dslaunch.launcher_helper ...``.
+
+Hydra takes ``-genv NAME VALUE`` as two words and passes the value on unchanged (checked with MPICH
+4.0.2 for spaces, both quote kinds, ``$()``, backticks, ``;``, ``*``, newlines, tabs and empty values),
+so nothing is quoted. Ranks get PMI_RANK / MPI_LOCALRANKID, which the helper maps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+from .base import ActiveResources, MultiNodeRunner, version_text, which
+
+
+def is_mpich_hydra(program: str) -> bool:
+    text = version_text(program)
+    return 'HYDRA' in text and 'Intel' not in text
+
+
+class MPICHRunner(MultiNodeRunner):
+    name = 'mpich'
+
+    def backend_binary(self, path: str | None = None) -> str:
+        # Prefer Debian's suffixed names: plain `mpirun` is usually Open MPI's (higher alternatives priority).
+        for program in ('mpirun.mpich', 'mpiexec.mpich'):
+            found = which(program, path)
+            if found:
+                return found
+        plain = which('mpirun', path)
+        return plain if plain and is_mpich_hydra(plain) else 'mpirun'
+
+    def backend_exists(self) -> bool:
+        return os.path.isabs(self.backend_binary())
+
+    def backend_package(self) -> str:
+        return "MPICH (the Debian package 'mpich')"
+
+    def validate_args(self) -> None:
+        self.reject_filters()
+
+    def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
+        total, per_host = self.equal_slots(active_resources, 'MPICH requires same number of devices per node')
+        cmd = [self.backend_binary(environment.get('PATH')), '-n', str(total), '-ppn', str(per_host)]
+        cmd += self.launcher_args()
+        for key, value in self.exports.items():
+            cmd += ['-genv', key, value]
+        for key, value in [
+            ('MASTER_ADDR', str(self.arg('master_addr'))),
+            ('MASTER_PORT', str(self.arg('master_port'))),
+            ('WORLD_SIZE', str(total)),
+            ('LOCAL_SIZE', str(per_host)),
+            *self.marker_exports(),
+        ]:
+            cmd += ['-genv', key, value]
+        cmd += ['-hosts', ','.join(active_resources)]
+        return cmd + self.helper_cmd()

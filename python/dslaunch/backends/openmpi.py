@@ -1,0 +1,75 @@
+"""Open MPI: ``mpirun -n N -hostfile H ... -x K=V ... python -u -m dslaunch.launcher_helper ...``.
+
+mpirun forwards only ``-x`` variables to remote ranks and passes each ``-x`` word on as is (checked
+with Open MPI 4.1.4: spaces, quotes, ``$()``, commas, newlines and empty values arrive unchanged).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from argparse import Namespace
+from collections.abc import Mapping, MutableMapping
+
+from .base import ActiveResources, MultiNodeRunner, slot_counts, which, which_in_dir
+
+
+class OpenMPIRunner(MultiNodeRunner):
+    name = 'openmpi'
+
+    def __init__(self, args: Namespace, world_info_base64: str, resource_pool: Mapping[str, int] | None = None) -> None:
+        super().__init__(args, world_info_base64, resource_pool)
+        self.add_export('UCX_TLS', 'tcp')  # DeepSpeed's first export, kept for the same shape
+
+    def backend_binary(self, path: str | None = None) -> str:
+        # Debian installs Open MPI and MPICH side by side; plain `mpirun` may be either (alternatives).
+        suffixed = which('mpirun.openmpi', path)
+        if suffixed:
+            return suffixed
+        info = which('ompi_info', path)
+        mpirun = info and which_in_dir('mpirun', os.path.dirname(info))
+        return mpirun or 'mpirun'
+
+    def backend_exists(self) -> bool:
+        return os.path.isabs(self.backend_binary())
+
+    def backend_package(self) -> str:
+        return "Open MPI (the Debian package 'openmpi-bin')"
+
+    @classmethod
+    def validate_active_resources(cls, active: ActiveResources) -> None:
+        # Filtering is supported by writing a smaller hostfile; picking device ids is not.
+        cls.require_leading_slots(active)
+
+    def hostfile_for(self, active: ActiveResources) -> str:
+        """The user's hostfile when nothing was filtered out, else a per-job one with the kept slots."""
+        unfiltered = slot_counts(active) == self.resource_pool and list(active) == list(self.resource_pool)
+        if unfiltered or not self.resource_pool:
+            return str(self.arg('hostfile'))
+        lines = ''.join(f'{host} slots={n}\n' for host, n in slot_counts(active).items() if n > 0)
+        return self.write_temp_file('dslaunch_openmpi_hostfile_', lines)
+
+    def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
+        self.validate_active_resources(active_resources)
+        launcher_args = self.launcher_args()
+        total = sum(slot_counts(active_resources).values())  # DeepSpeed counts the unfiltered pool
+        cmd = [
+            self.backend_binary(environment.get('PATH')),
+            '-n',
+            str(total),
+            '-hostfile',
+            self.hostfile_for(active_resources),
+            '--mca',
+            'btl',
+            '^openib',
+        ]
+        # DeepSpeed's eth0 default, dropped when the user names the interface (#4460, #6613).
+        user_sets_if = any(
+            a in ('-mca', '--mca') and b == 'btl_tcp_if_include' for a, b in itertools.pairwise(launcher_args)
+        )
+        if not user_sets_if:
+            cmd += ['--mca', 'btl_tcp_if_include', 'eth0']
+        cmd += launcher_args
+        for key, value in [*self.exports.items(), *self.rank_exports()]:
+            cmd += ['-x', f'{key}={value}']
+        return cmd + self.helper_cmd()

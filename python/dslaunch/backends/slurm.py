@@ -1,0 +1,51 @@
+"""Slurm: ``srun -n N [--nodelist ... --nodes ...] --export=ALL python -u -m dslaunch.launcher_helper ...``.
+
+srun's ``--export=ALL,K=V,...`` splits on commas and cannot carry a newline, so a value like
+``64(x2),a`` or a multi-line one cannot go there. ``--export=ALL`` forwards srun's whole
+environment, so the exports are put into the environment srun is started with instead.
+Shapes follow DeepSpeed 0.19.7+ (no ``--include``/``--exclude`` forwarded, ``-n`` = kept slots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+from ..errors import ResourceFilterError
+from .base import ActiveResources, MultiNodeRunner, slot_counts, which
+
+
+class SlurmRunner(MultiNodeRunner):
+    name = 'slurm'
+
+    def backend_binary(self, path: str | None = None) -> str:
+        return which('srun', path) or 'srun'
+
+    def backend_exists(self) -> bool:
+        return which('srun') is not None  # DeepSpeed looks for sinfo, but srun is what runs
+
+    def backend_package(self) -> str:
+        return "Slurm's client commands (the Debian package 'slurm-client')"
+
+    @classmethod
+    def validate_active_resources(cls, active: ActiveResources) -> None:
+        cls.require_leading_slots(active)
+        counts = slot_counts(active)
+        if len(set(counts.values())) > 1:
+            raise ResourceFilterError(f'slurm backend needs the same slot count on every host, got {counts}.')
+
+    def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
+        self.validate_active_resources(active_resources)
+        total = sum(slot_counts(active_resources).values())
+        cmd = [self.backend_binary(environment.get('PATH')), '-n', str(total)] + self.launcher_args()
+        comment = getattr(self.args, 'slurm_comment', '')
+        if comment:
+            cmd += ['--comment', str(comment)]
+        if self.arg('include') or self.arg('exclude'):
+            cmd += ['--nodelist', ','.join(active_resources), '--nodes', str(len(active_resources))]
+        if self.arg('num_nodes') > 0:
+            cmd += ['--nodes', str(self.arg('num_nodes'))]
+        if self.arg('num_gpus') > 0:
+            cmd += ['--gpus-per-node', str(self.arg('num_gpus'))]
+        for key, value in [*self.exports.items(), *self.rank_exports()]:
+            environment[key] = value
+        return cmd + ['--export=ALL'] + self.helper_cmd()

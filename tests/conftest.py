@@ -1,0 +1,103 @@
+"""Shared fixtures for the test suites.
+
+House rule (shared/STYLE.md): every test proves it left no process behind. The autouse fixture
+`no_process_left_behind` puts a unique `DSLAUNCH_TEST_TAG=<uuid>` into `os.environ` for the test,
+so every process the test starts (ranks, launchers, helpers, and their descendants, setsid or
+not) inherits it. After the test it scans /proc for live processes other than this one carrying
+the tag, gives stragglers up to 2 s to exit, then SIGKILLs the survivors and fails the test,
+naming them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+TEST_TAG_VAR = 'DSLAUNCH_TEST_TAG'
+STRAGGLER_WAIT_S = 2.0
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _tagged_processes(entry: bytes) -> dict[int, str]:
+    """Live processes (not us, not zombies) whose environment holds `entry`, with their command lines."""
+    me = os.getpid()
+    found: dict[int, str] = {}
+    for name in os.listdir('/proc'):
+        if not name.isdigit() or int(name) == me:
+            continue
+        pid = int(name)
+        try:
+            with open(f'/proc/{pid}/environ', 'rb') as f:
+                if entry not in f.read().split(b'\0'):
+                    continue
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                cmd = f.read().replace(b'\0', b' ').decode(errors='replace').strip()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if _state(pid) not in (None, 'Z', 'X'):
+            found[pid] = cmd
+    return found
+
+
+def _reap_zombie_children() -> None:
+    """Reaps exited children of this process (orphans of a test's jobs re-parented to us: once a
+    Supervisor has run here, this process is a child subreaper)."""
+    me = str(os.getpid())
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f'/proc/{name}/stat', 'rb') as f:
+                fields = f.read().rsplit(b')', 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b'Z' and fields[1].decode() == me:
+            try:
+                os.waitpid(int(name), os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Tags the test's processes and fails the test if any of them outlives it (see module doc)."""
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv(TEST_TAG_VAR, tag)
+    yield tag
+    entry = f'{TEST_TAG_VAR}={tag}'.encode()
+    deadline = time.monotonic() + STRAGGLER_WAIT_S
+    survivors = _tagged_processes(entry)
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.02)
+        survivors = _tagged_processes(entry)
+    for pid in survivors:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if survivors:
+        kill_deadline = time.monotonic() + STRAGGLER_WAIT_S
+        while _tagged_processes(entry) and time.monotonic() < kill_deadline:
+            time.sleep(0.02)
+    _reap_zombie_children()
+    if survivors:
+        listing = '\n'.join(f'  pid {pid}: {cmd}' for pid, cmd in sorted(survivors.items()))
+        pytest.fail(f'{len(survivors)} process(es) of this test outlived it (now SIGKILLed):\n{listing}', pytrace=False)
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A fresh job id; `DSLAUNCH_RUN_ID=<run_id>` marks every process of the job."""
+    return f'test-{uuid.uuid4().hex}'

@@ -1,0 +1,5 @@
+# A process that spends its life inside execve(2): it re-executes itself COUNT times, then
+# sleeps. While the kernel replaces its image, /proc/<pid>/environ reads empty for a moment.
+#     sh reexec.sh COUNT
+[ "$1" -gt 0 ] && exec /bin/sh "$0" $(($1 - 1))
+exec sleep 600

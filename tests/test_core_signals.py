@@ -1,0 +1,206 @@
+"""Signals: what the launcher receives reaches every rank's group; SIGINT/SIGTERM/SIGHUP end the
+job (a second one at once), SIGUSR1/2 do not; the grace period is honoured; terminate() and
+kill() from Python; and Ctrl-C in Python still works when nothing is forwarded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from dslaunch import _core
+from helpers.procs import HELPERS, PY, Launcher, alive, all_dead, wait_until
+
+N = 3
+LONG_GRACE = 30.0
+
+
+def _signal_ranks(tmp_path: Path, n: int = N, ignore: str = '') -> list[list[str]]:
+    extra = ['--ignore', ignore] if ignore else []
+    return [[PY, str(HELPERS / 'signal_rank.py'), str(tmp_path / f'sig{i}'), str(tmp_path / f'ready{i}'), *extra] for i in range(n)]
+
+
+def _wait_ready(tmp_path: Path, n: int = N) -> None:
+    wait_until(lambda: all((tmp_path / f'ready{i}').exists() for i in range(n)), 15, 'ranks to install their handlers')
+
+
+def _received(tmp_path: Path, i: int) -> list[int]:
+    path = tmp_path / f'sig{i}'
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _all_received(tmp_path: Path, expected: list[int], n: int = N) -> bool:
+    return all(_received(tmp_path, i) == expected for i in range(n))
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_terminating_signal_to_launcher_reaches_every_rank_and_ends_the_job(tmp_path: Path, sig: signal.Signals) -> None:
+    spec = {'ranks': [{'argv': a} for a in _signal_ranks(tmp_path)], 'options': {'grace_period': LONG_GRACE}}
+    with Launcher(spec) as launcher:
+        started = launcher.event()
+        _wait_ready(tmp_path)
+        t0 = time.monotonic()
+        os.kill(launcher.pid, sig)
+        report = launcher.event(timeout=10)
+        assert time.monotonic() - t0 < 5
+        assert launcher.wait() == 128 + sig
+    assert report['event'] == 'report'
+    assert report['interrupted_by'] == sig and report['returncode'] == 128 + sig
+    assert report['first_failure'] is None and not report['stopped']
+    assert [r['returncode'] for r in report['ranks']] == [128 + sig] * N  # each rank's handler chose its exit
+    assert _all_received(tmp_path, [sig])
+    assert all_dead(started['pids'])
+
+
+def test_usr_signals_are_forwarded_without_ending_the_job(tmp_path: Path) -> None:
+    spec = {'ranks': [{'argv': a} for a in _signal_ranks(tmp_path)], 'options': {'grace_period': LONG_GRACE}}
+    with Launcher(spec) as launcher:
+        started = launcher.event()
+        _wait_ready(tmp_path)
+        os.kill(launcher.pid, signal.SIGUSR1)
+        wait_until(lambda: _all_received(tmp_path, [signal.SIGUSR1]), 5, 'SIGUSR1 at every rank')
+        os.kill(launcher.pid, signal.SIGUSR2)
+        wait_until(lambda: _all_received(tmp_path, [signal.SIGUSR1, signal.SIGUSR2]), 5, 'SIGUSR2 at every rank')
+        assert launcher.proc.poll() is None and all(alive(p) for p in started['pids']), 'the job goes on'
+        os.kill(launcher.pid, signal.SIGTERM)
+        report = launcher.event(timeout=10)
+        assert launcher.wait() == 128 + signal.SIGTERM
+    assert report['interrupted_by'] == signal.SIGTERM
+    assert _all_received(tmp_path, [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM])
+
+
+def test_second_sigint_kills_at_once_despite_a_long_grace_period(tmp_path: Path) -> None:
+    spec = {'ranks': [{'argv': a} for a in _signal_ranks(tmp_path, ignore='INT,TERM')], 'options': {'grace_period': LONG_GRACE}}
+    with Launcher(spec) as launcher:
+        started = launcher.event()
+        _wait_ready(tmp_path)
+        os.kill(launcher.pid, signal.SIGINT)
+        wait_until(lambda: _all_received(tmp_path, [signal.SIGINT]), 5, 'the first SIGINT at every rank')
+        assert all(alive(p) for p in started['pids']), 'the ranks ignore it and are within the grace period'
+        t0 = time.monotonic()
+        os.kill(launcher.pid, signal.SIGINT)
+        report = launcher.event(timeout=10)
+        assert time.monotonic() - t0 < 5, 'the second SIGINT did not wait for the 30 s grace period'
+        assert launcher.wait() == 130
+    assert report['interrupted_by'] == signal.SIGINT and report['returncode'] == 130
+    assert [r['returncode'] for r in report['ranks']] == [-signal.SIGKILL] * N
+
+
+def test_rank_ignoring_sigterm_is_killed_when_the_grace_period_ends(tmp_path: Path) -> None:
+    sup = _core.Supervisor(
+        [_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2, ignore='TERM')], grace_period=1.0, forward_signals=[]
+    )
+    sup.start()
+    _wait_ready(tmp_path, 2)
+    t0 = time.time()
+    sup.send_signal(signal.SIGTERM)
+    report = sup.wait(timeout=15)
+    assert report is not None and report.interrupted_by == signal.SIGTERM
+    assert [r.returncode for r in report.ranks] == [-signal.SIGKILL] * 2
+    assert _all_received(tmp_path, [signal.SIGTERM], n=2), 'SIGTERM came first'
+    for r in report.ranks:
+        assert 0.9 <= r.ended_at - t0 < 4, f'SIGKILL {r.ended_at - t0:.2f} s after SIGTERM, grace 1 s'
+
+
+def test_terminate_from_python_honours_its_own_grace_period(tmp_path: Path) -> None:
+    sup = _core.Supervisor(
+        [_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2, ignore='TERM')], grace_period=LONG_GRACE, forward_signals=[]
+    )
+    sup.start()
+    _wait_ready(tmp_path, 2)
+    t0 = time.time()
+    sup.terminate(grace_period=0.5)
+    assert time.time() - t0 < 0.5, 'terminate() returns at once'
+    assert not sup.done and sup.poll() is None
+    report = sup.wait(timeout=15)
+    assert report is not None and report.stopped and report.interrupted_by is None
+    assert report.returncode == 128 + signal.SIGKILL and not report.success
+    for r in report.ranks:
+        assert r.returncode == -signal.SIGKILL and 0.45 <= r.ended_at - t0 < 4
+
+
+def test_terminate_with_another_signal(tmp_path: Path) -> None:
+    sup = _core.Supervisor([_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2)], grace_period=LONG_GRACE, forward_signals=[])
+    sup.start()
+    _wait_ready(tmp_path, 2)
+    sup.terminate(signal=signal.SIGHUP)
+    report = sup.wait(timeout=10)
+    assert report is not None and report.stopped
+    assert _all_received(tmp_path, [signal.SIGHUP], n=2)
+    assert [r.returncode for r in report.ranks] == [128 + signal.SIGHUP] * 2
+
+
+def test_kill_from_python_is_immediate() -> None:
+    sup = _core.Supervisor([_core.RankSpec(['sleep', '60']) for _ in range(4)], grace_period=LONG_GRACE, forward_signals=[])
+    sup.start()
+    t0 = time.monotonic()
+    sup.kill()
+    report = sup.wait(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert report is not None and report.stopped and report.returncode == 137
+    assert [r.returncode for r in report.ranks] == [-signal.SIGKILL] * 4
+
+
+def test_send_signal_from_python_forwards_to_every_group(tmp_path: Path) -> None:
+    sup = _core.Supervisor([_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2)], grace_period=LONG_GRACE, forward_signals=[])
+    with sup:
+        _wait_ready(tmp_path, 2)
+        sup.send_signal(signal.SIGUSR2)
+        wait_until(lambda: _all_received(tmp_path, [signal.SIGUSR2], n=2), 5, 'SIGUSR2 at both ranks')
+        assert not sup.done
+        with pytest.raises(ValueError):
+            sup.send_signal(0)
+        sup.send_signal(signal.SIGTERM)
+        report = sup.wait(timeout=10)
+    assert report is not None and report.interrupted_by == signal.SIGTERM
+
+
+def test_ctrl_c_in_python_still_works_and_the_with_block_tears_down() -> None:
+    """forward_signals=[]: SIGINT to this (main-thread, waiting) process is Python's again: wait()
+    raises KeyboardInterrupt, and leaving the `with` block ends the ranks."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    progress: list[str] = []
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with _core.Supervisor([_core.RankSpec(['sleep', '60']) for _ in range(2)], forward_signals=[]) as sup:
+            pids = sup.pids
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            progress.append('waiting')
+            sup.wait()
+            progress.append('wait returned')
+    assert progress == ['waiting'], 'KeyboardInterrupt came out of wait()'
+    assert time.monotonic() - t0 < 5
+    assert all_dead(pids), 'leaving the with block tore the ranks down'
+    assert sup.done
+
+
+def test_ctrl_c_in_a_launcher_process_with_nothing_forwarded(tmp_path: Path) -> None:
+    spec = {
+        'ranks': [{'argv': a} for a in _signal_ranks(tmp_path)],
+        'options': {'forward_signals': [], 'grace_period': LONG_GRACE},
+        'mode': 'with',
+    }
+    with Launcher(spec) as launcher:
+        started = launcher.event()
+        _wait_ready(tmp_path)
+        os.kill(launcher.pid, signal.SIGINT)
+        event = launcher.event(timeout=10)
+        assert launcher.wait() == 98
+    assert event == {'event': 'keyboard_interrupt', 'alive_after_with': []}
+    assert _all_received(tmp_path, [signal.SIGTERM]), 'the ranks got the teardown SIGTERM, not the SIGINT'
+    assert all_dead(started['pids'])
+
+
+def test_forwarding_handlers_are_installed_for_the_job_and_restored_after() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    sup = _core.Supervisor([_core.RankSpec(['sleep', '0.3'])], stdout_fd=os.open(os.devnull, os.O_WRONLY))
+    sup.start()
+    try:
+        assert all(isinstance(signal.getsignal(s), _core._SignalForwarder) for s in before)
+    finally:
+        report = sup.wait(timeout=10)
+    assert report is not None and report.returncode == 0
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -1,0 +1,147 @@
+"""The three command lines against DeepSpeed's argparse parsers (golden/parse_args_cases.json)."""
+
+from __future__ import annotations
+
+import json
+
+import golden
+import pytest
+from dslaunch import launch, launcher_helper, runner
+
+PARSERS = {
+    'runner.parse_args': (runner, 'deepspeed'),
+    'launch.parse_args': (launch, 'launch.py'),
+    'launcher_helper.parse_args': (launcher_helper, 'launcher_helper.py'),
+}
+
+# dslaunch-only options and their defaults; DeepSpeed's namespace never has them.
+EXTENSIONS = {
+    'runner.parse_args': {
+        'elastic_training': False,
+        'min_elastic_nodes': -1,
+        'max_elastic_nodes': -1,
+        'dry_run': False,
+        'grace_period': 30.0,
+        'raw_output': False,
+        'console_ranks': None,
+        'hang_timeout': 0.0,
+    },
+    'launch.parse_args': {
+        'enable_elastic_training': False,
+        'min_elastic_nodes': -1,
+        'max_elastic_nodes': -1,
+        'grace_period': 30.0,
+        'raw_output': False,
+        'console_ranks': None,
+        'dry_run': False,
+    },
+    'launcher_helper.parse_args': {},
+}
+EXTENSION_FLAGS = {'--' + name for names in EXTENSIONS.values() for name in names}
+
+
+def _cases():
+    if not golden.available():
+        return []
+    data = golden.load('parse_args_cases.json')
+    return [
+        pytest.param(parser, case, id=f'{parser}:{json.dumps(case["argv"])[:60]}')
+        for parser in PARSERS
+        for case in data.get(parser, [])
+    ]
+
+
+def _uses_extension(case):
+    """DeepSpeed 0.19.8 rejected a flag that dslaunch adds (e.g. the 0.19.7 elastic flags)."""
+    last = case.get('stderr_last_line', '')
+    return 'unrecognized arguments' in last and any(flag in last.split() for flag in EXTENSION_FLAGS)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_width(monkeypatch):
+    monkeypatch.setenv('COLUMNS', '80')  # usage wrapping as in the generator's (non-tty) run
+
+
+@pytest.mark.parametrize('parser, case', _cases())
+def test_parser_matches_deepspeed(parser, case, capsys):
+    module, prog = PARSERS[parser]
+    if 'namespace' in case or _uses_extension(case):
+        namespace = vars(module.parse_args(case['argv'], prog=prog))
+        if _uses_extension(case):
+            # Deviation: dslaunch accepts these flags (as DeepSpeed 0.19.7 did).
+            assert [flag for flag in case['argv'] if flag in EXTENSION_FLAGS]
+            return
+        expected = case['namespace']
+        assert {k: namespace[k] for k in expected} == expected
+        assert list(namespace)[: len(expected)] == list(expected)  # same declaration order
+        extras = {k: v for k, v in namespace.items() if k not in expected}
+        assert extras == EXTENSIONS[parser]
+        return
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(case['argv'], prog=prog)
+    assert info.value.code == case['system_exit']
+    out, err = capsys.readouterr()
+    err_lines = err.strip().splitlines()
+    assert (err_lines[-1] if err_lines else '') == case['stderr_last_line']
+    if 'stdout_first_line' in case:
+        assert out.splitlines()[0] == case['stdout_first_line']
+
+
+def test_elastic_flags_parse():
+    args = runner.parse_args(
+        ['--elastic_training', '--min_elastic_nodes', '1', '--max_elastic_nodes', '2', 'train.py'], prog='deepspeed'
+    )
+    assert (args.elastic_training, args.min_elastic_nodes, args.max_elastic_nodes) == (True, 1, 2)
+    assert args.user_script == 'train.py' and args.user_args == []
+    args = launch.parse_args(['--enable_elastic_training', 'train.py'], prog='launch.py')
+    assert args.enable_elastic_training
+
+
+def test_dslaunch_options_parse():
+    args = runner.parse_args(
+        [
+            '--dry_run',
+            '--grace_period',
+            '5',
+            '--raw_output',
+            '--console_ranks',
+            '0,2-3',
+            '--hang_timeout',
+            '60',
+            'train.py',
+            '--dry_run',
+        ],
+        prog='deepspeed',
+    )
+    assert (args.dry_run, args.grace_period, args.raw_output, args.console_ranks, args.hang_timeout) == (
+        True,
+        5.0,
+        True,
+        '0,2-3',
+        60.0,
+    )
+    assert args.user_args == ['--dry_run']  # after the script everything belongs to the script
+
+
+@pytest.mark.parametrize(
+    'module, prog, prefix, dest, value',
+    [
+        (launch, 'launch.py', '--e', 'enable_each_rank_log', 'logs'),  # not ambiguous with --enable_elastic_training
+        (launch, 'launch.py', '--enable', 'enable_each_rank_log', 'logs'),
+        (runner, 'deepspeed', '--ma', None, None),  # still ambiguous between DeepSpeed's --master_*
+        (runner, 'deepspeed', '--dry', 'dry_run', True),  # an extension's own prefix still works
+    ],
+)
+def test_extensions_do_not_change_deepspeed_abbreviations(module, prog, prefix, dest, value, capsys):
+    argv = [prefix] + ([] if value is True else ['logs' if value else 'x']) + ['train.py']
+    if dest is None:
+        with pytest.raises(SystemExit):
+            module.parse_args(argv, prog=prog)
+        assert 'could match --master_port, --master_addr' in capsys.readouterr().err
+        return
+    assert getattr(module.parse_args(argv, prog=prog), dest) == value
+
+
+def test_prog_defaults_to_argv0(monkeypatch):
+    monkeypatch.setattr('sys.argv', ['/usr/local/bin/ds', 'train.py'])
+    assert runner.build_parser().prog == 'ds'

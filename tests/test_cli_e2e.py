@@ -263,3 +263,45 @@ def test_launcher_helper_exits_with_the_childs_status() -> None:
     proc = subprocess.run([sys.executable, '-m', 'dslaunch.launcher_helper', '--launcher', 'mpich', BEHAVE],
                           env=dict(os.environ, BEHAVE_0='exit:5:0', **env), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 5, proc.stderr
+
+
+# ---- --report_json: validated against docs/report.schema.json for success, failure, signal ----
+
+def validate_report(path: Path) -> dict[str, object]:
+    import jsonschema
+    doc = json.loads(path.read_text())
+    schema = json.loads((ROOT / 'docs' / 'report.schema.json').read_text())
+    jsonschema.validate(doc, schema)
+    return doc  # type: ignore[no-any-return]
+
+
+def test_report_json_success_and_failure(tmp_path: Path) -> None:
+    ok = tmp_path / 'ok.json'
+    proc = dslaunch('--num_gpus', '2', '--report_json', str(ok), DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    doc = validate_report(ok)
+    assert doc['success'] is True and doc['root_cause'] is None and len(doc['ranks']) == 2  # type: ignore[arg-type]
+    bad = tmp_path / 'bad.json'
+    proc = dslaunch('--num_gpus', '2', '--report_json', str(bad), BEHAVE, env={'BEHAVE_0': 'sleep', 'BEHAVE_1': 'raise'})
+    assert proc.returncode == 1
+    doc = validate_report(bad)
+    root = doc['root_cause']
+    assert isinstance(root, dict) and root['kind'] == 'rank_failed' and root['rank'] == 1
+    assert any('ValueError: boom in rank 1' in line for line in root['stderr_tail'])
+
+
+def test_report_json_on_signal(tmp_path: Path) -> None:
+    out = tmp_path / 'sig.json'
+    env = dict(os.environ, MARK_DIR=str(tmp_path), BEHAVE_0='sleep')
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    p = subprocess.Popen([DSLAUNCH, '--num_gpus', '1', '--report_json', str(out), BEHAVE], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / 'rank0.started').exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=30)
+    assert p.returncode == 143
+    doc = validate_report(out)
+    assert doc['root_cause'] == {'kind': 'signal', 'signal': 15, 'signal_name': 'SIGTERM'}

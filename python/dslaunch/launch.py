@@ -87,6 +87,7 @@ def build_parser(prog: str | None = None) -> CompatArgumentParser:
         help='Ranks whose output reaches the console, e.g. 0 or 0,2-3; unset: all.',
     )
     p.add_extension('--dry_run', action='store_true', help='Print the ranks that would start and exit.')
+    p.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
     return p
 
 

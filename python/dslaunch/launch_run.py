@@ -84,6 +84,7 @@ def run_plans(
     save_pid: int = 0,
     run_id: str | None = None,
     node_rank: int | None = None,
+    report_json: str | None = None,
 ) -> int:
     """Starts the planned ranks, waits for them, prints the report; returns the exit status.
 
@@ -149,6 +150,13 @@ def run_plans(
         client.report_done(report.returncode)
     if plans:
         print_report(report)
+    if report_json:
+        from dslaunch.report import write_json
+
+        try:
+            write_json(report, report_json)
+        except OSError as e:
+            print(f'dslaunch: cannot write --report_json {report_json}: {e.strerror}', file=sys.stderr)
     return report.returncode
 
 
@@ -173,4 +181,5 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         grace_period=getattr(args, 'grace_period', 30.0),
         save_pid=getattr(args, 'save_pid', 0) or 0,
         node_rank=args.node_rank,
+        report_json=getattr(args, 'report_json', None),
     )

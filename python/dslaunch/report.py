@@ -85,3 +85,67 @@ def print_report(report: Report, stream: TextIO | None = None, *, host: str | No
     for line in render(report, host=host):
         print(line, file=out)
     out.flush()
+
+
+#: Version of the `--report_json` document; bump on an incompatible change (docs/report.md).
+REPORT_SCHEMA = 'dslaunch.report/1'
+
+
+def _rank_dict(r: RankResult, host: str) -> dict[str, object]:
+    return {
+        'rank': int(r.tag) if r.tag.isdigit() else r.tag,
+        'host': host,
+        'pid': r.pid,
+        'state': r.state,
+        'returncode': r.returncode,
+        'signal': r.signal,
+        'signal_name': signal_name(r.signal) if r.signal is not None else None,
+        'exit_status': r.exit_status,
+        'started_at': r.started_at,
+        'ended_at': r.ended_at,
+        'last_output_at': r.last_output_at,
+        'output_bytes': r.output_bytes,
+        'output_lines': r.output_lines,
+        'stderr_tail': r.stderr_tail,
+        'restarts': 0,
+    }
+
+
+def to_json_dict(report: Report, *, host: str) -> dict[str, object]:
+    """The `--report_json` document (schema in docs/report.md and docs/report.schema.json)."""
+    ranks = [_rank_dict(r, host) for r in report.ranks]
+    cause = report.first_failure
+    root = None
+    if cause is not None:
+        root = {'kind': 'rank_failed', **_rank_dict(cause, host)}
+    elif report.interrupted_by is not None:
+        root = {'kind': 'signal', 'signal': report.interrupted_by, 'signal_name': signal_name(report.interrupted_by)}
+    elif report.stopped:
+        root = {'kind': 'stopped'}
+    return {
+        'schema': REPORT_SCHEMA,
+        'run_id': report.run_id,
+        'host': host,
+        'started_at': report.started_at,
+        'ended_at': report.ended_at,
+        'wall_time': report.wall_time,
+        'returncode': report.returncode,
+        'success': report.success,
+        'root_cause': root,
+        'leftovers_killed': report.leftovers_killed,
+        'ranks': ranks,
+    }
+
+
+def write_json(report: Report, path: str) -> None:
+    """Writes the report atomically (a reader never sees half a file)."""
+    import json
+    import os
+    import socket
+
+    doc = to_json_dict(report, host=socket.gethostname())
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(doc, f, indent=1)
+        f.write('\n')
+    os.replace(tmp, path)

@@ -143,6 +143,7 @@ def _add_runner_extensions(p: CompatArgumentParser) -> None:
     p.add_extension('--min_elastic_nodes', type=int, default=-1, help='Fewest hosts for elastic training.')
     p.add_extension('--max_elastic_nodes', type=int, default=-1, help='Most hosts for elastic training.')
     p.add_extension('--dry_run', action='store_true', help='Print what would be launched and exit.')
+    p.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
     p.add_extension(
         '--grace_period', type=float, default=30.0, help='Seconds between SIGTERM and SIGKILL when tearing ranks down.'
     )
@@ -403,6 +404,8 @@ def launcher_command(
         cmd.append('--raw_output')
     if getattr(args, 'console_ranks', None) is not None:
         cmd.append(f'--console_ranks={args.console_ranks}')
+    if getattr(args, 'report_json', None) is not None:
+        cmd.append(f'--report_json={os.path.abspath(args.report_json)}')
     return cmd + [args.user_script, *args.user_args]
 
 

@@ -28,7 +28,7 @@ demo: install ## set up, then run the example: 4 ranks of real DDP training over
 
 .PHONY: test-rust
 test-rust: ## cargo tests (pure-Rust units and real-process tests)
-	cargo test --release
+	cargo test
 
 .PHONY: test-python
 test-python: ## pytest (real processes); no test collected counts as a failure

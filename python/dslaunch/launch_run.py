@@ -11,6 +11,10 @@ import os
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 from dslaunch.errors import DslaunchError, UsageError
 
@@ -53,7 +57,7 @@ class PidFile:
     def __init__(self, runner_pid: int, directory: str = '/tmp') -> None:
         self.path = os.path.join(directory, f'{runner_pid}.deepspeed') if runner_pid else None
 
-    def __enter__(self) -> PidFile:
+    def __enter__(self) -> Self:
         if self.path is None:
             return self
         if os.path.isfile(self.path):
@@ -165,6 +169,10 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
     from dslaunch import launch
 
     env = dict(os.environ if environ is None else environ)
+    if getattr(args, 'enable_elastic_training', False):
+        from dslaunch import elastic  # torch is imported there, and only there
+
+        return elastic.run(args, env)
     world_info = launch.load_world_info(args)
     plans = launch.rank_plans(world_info, args.node_rank, args, env, python=sys.executable)
     if not plans:

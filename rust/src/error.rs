@@ -38,7 +38,10 @@ pub enum CoreError {
 impl CoreError {
     /// A spawn error about `path`.
     pub fn spawn(source: io::Error, path: impl Into<PathBuf>) -> Self {
-        CoreError::Spawn { source, path: path.into() }
+        CoreError::Spawn {
+            source,
+            path: path.into(),
+        }
     }
 }
 
@@ -60,7 +63,9 @@ pyo3::create_exception!(
 /// `strerror(3)` text without Rust's " (os error N)" suffix, as Python's own OSError prints it.
 fn strerror(errno: i32) -> String {
     // SAFETY: strerror returns a pointer to a NUL-terminated static (or thread-local) string.
-    unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno)) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno)) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// An `OSError(errno, strerror, filename)`; Python picks the subclass (FileNotFoundError,

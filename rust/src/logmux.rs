@@ -30,7 +30,10 @@ pub struct LineSplitter {
 impl LineSplitter {
     /// A splitter that cuts lines longer than `max_line` bytes into pieces.
     pub fn new(max_line: usize) -> Self {
-        LineSplitter { pending: Vec::new(), max_line: max_line.max(1) }
+        LineSplitter {
+            pending: Vec::new(),
+            max_line: max_line.max(1),
+        }
     }
 
     /// Bytes held back waiting for the end of their line.
@@ -83,7 +86,11 @@ impl LineSplitter {
     /// End of stream: an unterminated tail becomes a final `Cut` segment.
     pub fn finish(&mut self, mut emit: impl FnMut(&[u8], Ending)) {
         if !self.pending.is_empty() {
-            let ending = if self.pending.last() == Some(&b'\r') { Ending::CarriageReturn } else { Ending::Cut };
+            let ending = if self.pending.last() == Some(&b'\r') {
+                Ending::CarriageReturn
+            } else {
+                Ending::Cut
+            };
             emit(&self.pending, ending);
             self.pending.clear();
         }
@@ -149,11 +156,23 @@ impl Sink {
                 | rustix::fs::OFlags::NOCTTY
                 | rustix::fs::OFlags::APPEND;
             if let Ok(own) = rustix::fs::open(path.as_str(), flags, rustix::fs::Mode::empty()) {
-                return Ok(Sink { fd: own, nonblocking: true, buf: Vec::new(), start: 0, broken: false });
+                return Ok(Sink {
+                    fd: own,
+                    nonblocking: true,
+                    buf: Vec::new(),
+                    start: 0,
+                    broken: false,
+                });
             }
         }
         let dup = rustix::io::fcntl_dupfd_cloexec(borrowed, 3)?;
-        Ok(Sink { fd: dup, nonblocking: false, buf: Vec::new(), start: 0, broken: false })
+        Ok(Sink {
+            fd: dup,
+            nonblocking: false,
+            buf: Vec::new(),
+            start: 0,
+            broken: false,
+        })
     }
 
     /// The fd to watch for writability.
@@ -235,13 +254,25 @@ mod tests {
     #[test]
     fn whole_lines_across_reads() {
         let out = split(&[b"hel", b"lo\nwor", b"ld\n"], 100);
-        assert_eq!(out, vec![(b"hello\n".to_vec(), Ending::Newline), (b"world\n".to_vec(), Ending::Newline)]);
+        assert_eq!(
+            out,
+            vec![
+                (b"hello\n".to_vec(), Ending::Newline),
+                (b"world\n".to_vec(), Ending::Newline)
+            ]
+        );
     }
 
     #[test]
     fn crlf_split_between_reads_stays_one_line() {
         let out = split(&[b"a\r", b"\nb\r\n"], 100);
-        assert_eq!(out, vec![(b"a\r\n".to_vec(), Ending::Newline), (b"b\r\n".to_vec(), Ending::Newline)]);
+        assert_eq!(
+            out,
+            vec![
+                (b"a\r\n".to_vec(), Ending::Newline),
+                (b"b\r\n".to_vec(), Ending::Newline)
+            ]
+        );
     }
 
     #[test]
@@ -259,7 +290,7 @@ mod tests {
 
     #[test]
     fn long_lines_are_cut_and_nothing_is_lost() {
-        let data = vec![b'x'; 25];
+        let data = [b'x'; 25];
         let out = split(&[&data[..7], &data[7..], b"\n"], 10);
         let joined: Vec<u8> = out.iter().flat_map(|(s, _)| s.clone()).collect();
         assert_eq!(joined.len(), 26);
@@ -276,7 +307,13 @@ mod tests {
 
     #[test]
     fn sink_prefixes_each_segment_and_terminates_cuts() {
-        let mut sink = Sink { fd: rustix::fs::open("/dev/null", rustix::fs::OFlags::WRONLY, rustix::fs::Mode::empty()).unwrap(), nonblocking: false, buf: Vec::new(), start: 0, broken: false };
+        let mut sink = Sink {
+            fd: rustix::fs::open("/dev/null", rustix::fs::OFlags::WRONLY, rustix::fs::Mode::empty()).unwrap(),
+            nonblocking: false,
+            buf: Vec::new(),
+            start: 0,
+            broken: false,
+        };
         sink.push(b"[0]: ", b"a\n", Ending::Newline);
         sink.push(b"[1]: ", b"bb", Ending::Cut);
         assert_eq!(sink.buf, b"[0]: a\n[1]: bb\n".to_vec());

@@ -16,7 +16,8 @@ use crate::supervisor::{Command, Config, JobState, RankConfig, RankInfo, Supervi
 use crate::{reap, signals, tree};
 
 fn unix_time(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Any mapping (a dict, `os.environ`) as owned key/value pairs.
@@ -25,7 +26,14 @@ fn extract_env(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(OsString, OsString)>> {
         Ok(d) => d.clone(),
         Err(_) => PyDict::from_sequence(&obj.call_method0("items")?)?,
     };
-    dict.iter().map(|(k, v)| Ok((k.extract::<PathBuf>()?.into_os_string(), v.extract::<PathBuf>()?.into_os_string()))).collect()
+    dict.iter()
+        .map(|(k, v)| {
+            Ok((
+                k.extract::<PathBuf>()?.into_os_string(),
+                v.extract::<PathBuf>()?.into_os_string(),
+            ))
+        })
+        .collect()
 }
 
 fn new_run_id() -> String {
@@ -167,7 +175,11 @@ impl PyRankResult {
             last_output_at: r.last_output_at.map(unix_time),
             output_bytes: r.output_bytes,
             output_lines: r.output_lines,
-            stderr_tail: r.stderr_tail.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect(),
+            stderr_tail: r
+                .stderr_tail
+                .iter()
+                .map(|l| String::from_utf8_lossy(l).into_owned())
+                .collect(),
             log_error: r.log_error.clone(),
         }
     }
@@ -177,7 +189,10 @@ impl PyRankResult {
 impl PyRankResult {
     fn __repr__(&self) -> String {
         let rc = self.returncode.map_or_else(|| "None".to_owned(), |c| c.to_string());
-        format!("RankResult(rank={}, pid={}, state={:?}, returncode={rc})", self.rank, self.pid, self.state)
+        format!(
+            "RankResult(rank={}, pid={}, state={:?}, returncode={rc})",
+            self.rank, self.pid, self.state
+        )
     }
 }
 
@@ -234,7 +249,11 @@ impl PyReport {
 
     fn __repr__(&self) -> String {
         let by = self.interrupted_by.map_or_else(|| "None".to_owned(), |s| s.to_string());
-        format!("Report(returncode={}, ranks={}, interrupted_by={by})", self.returncode, self.ranks.len())
+        format!(
+            "Report(returncode={}, ranks={}, interrupted_by={by})",
+            self.returncode,
+            self.ranks.len()
+        )
     }
 }
 
@@ -248,7 +267,11 @@ pub struct SignalForwarder {
 impl SignalForwarder {
     fn __call__(&self, py: Python<'_>, signum: i32, _frame: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let owner = self.owner.bind(py).get();
-        let handle = owner.handle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let handle = owner
+            .handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         match handle {
             Some(sup) if !sup.is_done() => {
                 sup.send(Command::Signal(signum));
@@ -347,11 +370,16 @@ impl PySupervisor {
         stderr_fd: i32,
     ) -> PyResult<Self> {
         if !(grace_period.is_finite() && grace_period >= 0.0) {
-            return Err(PyValueError::new_err("grace_period must be a non-negative number of seconds"));
+            return Err(PyValueError::new_err(
+                "grace_period must be a non-negative number of seconds",
+            ));
         }
         let forward = forward_signals
             .unwrap_or_else(|| vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2]);
-        if let Some(bad) = forward.iter().find(|s| !signals::is_valid(**s) || **s == libc::SIGKILL || **s == libc::SIGSTOP) {
+        if let Some(bad) = forward
+            .iter()
+            .find(|s| !signals::is_valid(**s) || **s == libc::SIGKILL || **s == libc::SIGSTOP)
+        {
             return Err(PyValueError::new_err(format!("cannot forward signal {bad}")));
         }
         let mut rank_cfgs: Vec<RankConfig> = ranks.iter().map(|r| r.cfg.clone()).collect();
@@ -387,8 +415,9 @@ impl PySupervisor {
             stdout_fd,
             stderr_fd,
         };
-        let (wake_r, wake_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
-            .map_err(|e| PyErr::from(CoreError::Io(e.into())))?;
+        let (wake_r, wake_w) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
+                .map_err(|e| PyErr::from(CoreError::Io(e.into())))?;
         Ok(PySupervisor {
             config: Mutex::new(Some(config)),
             handle: Mutex::new(None),
@@ -422,7 +451,12 @@ impl PySupervisor {
         *this.handle.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sup);
         if !this.forward.is_empty() && is_main_thread(py)? {
             let signal = py.import("signal")?;
-            let forwarder = Py::new(py, SignalForwarder { owner: slf.clone().unbind() })?;
+            let forwarder = Py::new(
+                py,
+                SignalForwarder {
+                    owner: slf.clone().unbind(),
+                },
+            )?;
             let mut saved = Vec::new();
             for &sig in &this.forward {
                 let old = signal.call_method1("signal", (sig, forwarder.clone_ref(py)))?;
@@ -452,7 +486,8 @@ impl PySupervisor {
             let wake_r = self.wake_r.as_fd();
             py.detach(|| {
                 let step = deadline.map_or(Duration::from_millis(250), |d| {
-                    d.saturating_duration_since(Instant::now()).min(Duration::from_millis(250))
+                    d.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(250))
                 });
                 let done_fd = sup.done_fd();
                 let mut fds = [
@@ -505,8 +540,13 @@ impl PySupervisor {
     /// Every rank's state now (pid, state, exit status, last output time, ...); never blocks.
     fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let sup = self.handle()?;
-        let items: Vec<PyRankResult> =
-            sup.with_state(|st| st.ranks.iter().enumerate().map(|(i, r)| PyRankResult::from_info(i, r)).collect());
+        let items: Vec<PyRankResult> = sup.with_state(|st| {
+            st.ranks
+                .iter()
+                .enumerate()
+                .map(|(i, r)| PyRankResult::from_info(i, r))
+                .collect()
+        });
         let objs: Vec<Py<PyRankResult>> = items.into_iter().map(|r| Py::new(py, r)).collect::<PyResult<_>>()?;
         PyList::new(py, objs)
     }
@@ -521,7 +561,8 @@ impl PySupervisor {
         let exits = loop {
             let ready = py.detach(|| {
                 let step = deadline.map_or(Duration::from_millis(250), |d| {
-                    d.saturating_duration_since(Instant::now()).min(Duration::from_millis(250))
+                    d.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(250))
                 });
                 let (exit_fd, done_fd) = (sup.exit_fd(), sup.done_fd());
                 let mut fds = [
@@ -538,8 +579,12 @@ impl PySupervisor {
                 break exits;
             }
         };
-        let items: Vec<PyRankResult> =
-            sup.with_state(|st| exits.iter().map(|&i| PyRankResult::from_info(i, &st.ranks[i])).collect());
+        let items: Vec<PyRankResult> = sup.with_state(|st| {
+            exits
+                .iter()
+                .map(|&i| PyRankResult::from_info(i, &st.ranks[i]))
+                .collect()
+        });
         let objs: Vec<Py<PyRankResult>> = items.into_iter().map(|r| Py::new(py, r)).collect::<PyResult<_>>()?;
         PyList::new(py, objs)
     }
@@ -612,7 +657,10 @@ impl PySupervisor {
     fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
         if let Ok(sup) = self.handle() {
             if !sup.is_done() {
-                sup.send(Command::Terminate { sig: libc::SIGTERM, grace: None });
+                sup.send(Command::Terminate {
+                    sig: libc::SIGTERM,
+                    grace: None,
+                });
             }
             py.detach(|| sup.wait_timeout(None));
         }

@@ -50,10 +50,16 @@ pub fn resolve_program(program: &OsStr, path: Option<&OsStr>) -> io::Result<Path
     if program.is_empty() {
         return Err(io::Error::from_raw_os_error(libc::ENOENT));
     }
-    let path = path.map(OsStr::to_owned).unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+    let path = path
+        .map(OsStr::to_owned)
+        .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
     let mut denied = false;
     for dir in std::env::split_paths(&path) {
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         let candidate = dir.join(program);
         match is_executable_file(&candidate) {
             Ok(true) => return Ok(candidate),
@@ -62,7 +68,11 @@ pub fn resolve_program(program: &OsStr, path: Option<&OsStr>) -> io::Result<Path
         }
     }
     // Like execvp: EACCES if a match existed but could not be run, else ENOENT.
-    Err(io::Error::from_raw_os_error(if denied { libc::EACCES } else { libc::ENOENT }))
+    Err(io::Error::from_raw_os_error(if denied {
+        libc::EACCES
+    } else {
+        libc::ENOENT
+    }))
 }
 
 /// `Ok(true)`: a regular file we may execute; `Ok(false)`: nothing there; `Err`: there but not runnable.
@@ -134,7 +144,10 @@ fn spawn_with_std(program: &Path, req: &SpawnRequest<'_>) -> CoreResult<Spawned>
     if let Some(cwd) = req.cwd {
         cmd.current_dir(cwd);
     }
-    cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| CoreError::spawn(e, program))?;
     let pid = child.id() as i32;
     let stdout: OwnedFd = child.stdout.take().expect("piped stdout").into();
@@ -153,7 +166,12 @@ fn finish_spawn(pid: i32, stdout: OwnedFd, stderr: OwnedFd) -> CoreResult<Spawne
         Ok(pidfd)
     };
     match setup() {
-        Ok(pidfd) => Ok(Spawned { pid, pidfd, stdout, stderr }),
+        Ok(pidfd) => Ok(Spawned {
+            pid,
+            pidfd,
+            stdout,
+            stderr,
+        }),
         Err(e) => {
             crate::signals::killpg(pid, libc::SIGKILL);
             let mut status = 0;
@@ -181,7 +199,11 @@ fn cstring(s: &OsStr) -> io::Result<std::ffi::CString> {
 /// A pipe whose write end is >= 3, so the dup2 file actions onto 0..=2 cannot clobber it.
 fn rank_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let w = if w.as_raw_fd() < 3 { rustix::io::fcntl_dupfd_cloexec(&w, 3)? } else { w };
+    let w = if w.as_raw_fd() < 3 {
+        rustix::io::fcntl_dupfd_cloexec(&w, 3)?
+    } else {
+        w
+    };
     Ok((r, w))
 }
 
@@ -299,7 +321,10 @@ pub fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 /// ranks (two pipes and a pidfd each) fit. It only raises as far as needed, because ranks
 /// inherit the limit and some programs loop over every possible descriptor.
 pub fn ensure_nofile(needed: u64) {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= needed {
@@ -328,6 +353,9 @@ mod tests {
         assert_eq!(resolve_program(OsStr::new("./x"), None).unwrap(), PathBuf::from("./x"));
         let e = resolve_program(OsStr::new("no-such-program-dslaunch"), Some(OsStr::new("/bin"))).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
-        assert_eq!(resolve_program(OsStr::new(""), None).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(
+            resolve_program(OsStr::new(""), None).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT)
+        );
     }
 }

@@ -233,12 +233,19 @@ impl Supervisor {
         let mut logs = Vec::with_capacity(n);
         for r in &cfg.ranks {
             logs.push(match &r.log_file {
-                Some(p) => Some(File::create(p).map_err(|source| CoreError::LogFile { source, path: p.clone() })?),
+                Some(p) => Some(File::create(p).map_err(|source| CoreError::LogFile {
+                    source,
+                    path: p.clone(),
+                })?),
                 None => None,
             });
         }
         let marker = format!("{RUN_ID_VAR}={}", cfg.run_id);
-        let guard = if cfg.orphan_guard { Some(Watchdog::start(&marker)?) } else { None };
+        let guard = if cfg.orphan_guard {
+            Some(Watchdog::start(&marker)?)
+        } else {
+            None
+        };
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
 
@@ -285,8 +292,13 @@ impl Supervisor {
         // FIX (tests/test_core_scale.py::test_running_out_of_fds_fails_cleanly): every rank is
         // running now; if anything below fails (EMFILE on a pipe, a thread that cannot start), the
         // `?` returned with the ranks left running untracked. The guard kills them on that path.
-        let mut abort = AbortOnError { pids: ranks.iter().map(|r| r.pid).collect(), marker: marker.clone().into_bytes() };
-        let (done_r, done_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK).map_err(io::Error::from)?;
+        let mut abort = AbortOnError {
+            pids: ranks.iter().map(|r| r.pid).collect(),
+            marker: marker.clone().into_bytes(),
+        };
+        let (done_r, done_w) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
+                .map_err(io::Error::from)?;
         let state = JobState {
             ranks: ranks.clone(),
             first_failure: None,
@@ -297,8 +309,9 @@ impl Supervisor {
             ended_at: None,
             leftovers_killed: 0,
         };
-        let (exit_r, exit_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
-            .map_err(io::Error::from)?;
+        let (exit_r, exit_w) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
+                .map_err(io::Error::from)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             commands: Mutex::new(Vec::new()),
@@ -310,11 +323,30 @@ impl Supervisor {
         });
         let pids = ranks.iter().map(|r| r.pid).collect();
 
-        let mut lp = Loop::new(poll, shared.clone(), &cfg, marker.into_bytes(), spawned, ranks, logs, out, err, guard)?;
-        let thread = std::thread::Builder::new().name("dslaunch-supervisor".into()).spawn(move || lp.run())?;
+        let mut lp = Loop::new(
+            poll,
+            shared.clone(),
+            &cfg,
+            marker.into_bytes(),
+            spawned,
+            ranks,
+            logs,
+            out,
+            err,
+            guard,
+        )?;
+        let thread = std::thread::Builder::new()
+            .name("dslaunch-supervisor".into())
+            .spawn(move || lp.run())?;
         abort.pids.clear(); // started: the loop owns the ranks now
         Ok(Supervisor {
-            inner: Arc::new(Inner { shared, waker, thread: Mutex::new(Some(thread)), run_id: cfg.run_id, pids }),
+            inner: Arc::new(Inner {
+                shared,
+                waker,
+                thread: Mutex::new(Some(thread)),
+                run_id: cfg.run_id,
+                pids,
+            }),
         })
     }
 
@@ -382,7 +414,10 @@ impl Supervisor {
                 },
                 None => None,
             };
-            let mut fds = [rustix::event::PollFd::new(&self.inner.shared.done_r, rustix::event::PollFlags::IN)];
+            let mut fds = [rustix::event::PollFd::new(
+                &self.inner.shared.done_r,
+                rustix::event::PollFlags::IN,
+            )];
             let ts = left.and_then(|d| rustix::event::Timespec::try_from(d).ok());
             let _ = rustix::event::poll(&mut fds, ts.as_ref());
         }
@@ -526,17 +561,45 @@ impl Loop {
         for (i, ((s, info), log)) in spawned.into_iter().zip(infos).zip(logs).enumerate() {
             let reg = poll.registry();
             reg.register(&mut SourceFd(&s.stdout.as_raw_fd()), Token(2 * i), Interest::READABLE)?;
-            reg.register(&mut SourceFd(&s.stderr.as_raw_fd()), Token(2 * i + 1), Interest::READABLE)?;
-            reg.register(&mut SourceFd(&s.pidfd.as_raw_fd()), Token(2 * n + i), Interest::READABLE)?;
+            reg.register(
+                &mut SourceFd(&s.stderr.as_raw_fd()),
+                Token(2 * i + 1),
+                Interest::READABLE,
+            )?;
+            reg.register(
+                &mut SourceFd(&s.pidfd.as_raw_fd()),
+                Token(2 * n + i),
+                Interest::READABLE,
+            )?;
             let rc = &cfg.ranks[i];
             let prefix = cfg
                 .prefix
                 .as_ref()
-                .map(|p| p.replace("{rank}", &i.to_string()).replace("{tag}", &rc.tag).into_bytes())
+                .map(|p| {
+                    p.replace("{rank}", &i.to_string())
+                        .replace("{tag}", &rc.tag)
+                        .into_bytes()
+                })
                 .unwrap_or_default();
-            streams.push(Stream { fd: Some(s.stdout), splitter: LineSplitter::new(cfg.max_line), is_stderr: false });
-            streams.push(Stream { fd: Some(s.stderr), splitter: LineSplitter::new(cfg.max_line), is_stderr: true });
-            ranks.push(LiveRank { pidfd: Some(s.pidfd), pid: s.pid, prefix, console: rc.console, log, info, dirty: false });
+            streams.push(Stream {
+                fd: Some(s.stdout),
+                splitter: LineSplitter::new(cfg.max_line),
+                is_stderr: false,
+            });
+            streams.push(Stream {
+                fd: Some(s.stderr),
+                splitter: LineSplitter::new(cfg.max_line),
+                is_stderr: true,
+            });
+            ranks.push(LiveRank {
+                pidfd: Some(s.pidfd),
+                pid: s.pid,
+                prefix,
+                console: rc.console,
+                log,
+                info,
+                dirty: false,
+            });
         }
         Ok(Loop {
             poll,
@@ -723,7 +786,15 @@ impl Loop {
 
     fn on_output(&mut self, stream: usize, len: usize) {
         let r = stream / 2;
-        let Loop { ranks, streams, out, err, buf, tail_lines, .. } = self;
+        let Loop {
+            ranks,
+            streams,
+            out,
+            err,
+            buf,
+            tail_lines,
+            ..
+        } = self;
         let rank = &mut ranks[r];
         let s = &mut streams[stream];
         let data = &buf[..len];
@@ -734,7 +805,10 @@ impl Loop {
             if let Err(e) = log.write_all(data) {
                 rank.info.log_error = Some(e.to_string());
                 rank.log = None;
-                let msg = format!("dslaunch: rank {} log file write failed ({e}); its output goes on to the console only\n", rank.info.tag);
+                let msg = format!(
+                    "dslaunch: rank {} log file write failed ({e}); its output goes on to the console only\n",
+                    rank.info.tag
+                );
                 err.push(b"", msg.as_bytes(), Ending::Newline);
             }
         }
@@ -756,7 +830,15 @@ impl Loop {
 
     fn close_stream(&mut self, stream: usize) {
         let r = stream / 2;
-        let Loop { ranks, streams, out, err, poll, tail_lines, .. } = self;
+        let Loop {
+            ranks,
+            streams,
+            out,
+            err,
+            poll,
+            tail_lines,
+            ..
+        } = self;
         let s = &mut streams[stream];
         if let Some(fd) = s.fd.take() {
             let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
@@ -857,7 +939,11 @@ impl Loop {
             }
             return;
         }
-        self.teardown = Some(Teardown { deadline: Instant::now() + grace, escalated: false, rescan_at: None });
+        self.teardown = Some(Teardown {
+            deadline: Instant::now() + grace,
+            escalated: false,
+            rescan_at: None,
+        });
         self.signal_job(sig);
         if sig == libc::SIGKILL || grace.is_zero() {
             self.escalate();
@@ -901,7 +987,10 @@ impl Loop {
         let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
         let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);
         let mut roots: Vec<i32> = live_groups.iter().copied().collect();
-        for p in procs.iter().filter(|p| p.ppid == self.my_pid && !rank_pids.contains(&p.pid)) {
+        for p in procs
+            .iter()
+            .filter(|p| p.ppid == self.my_pid && !rank_pids.contains(&p.pid))
+        {
             if Some(p.pid) == guard_pid {
                 continue;
             }
@@ -935,7 +1024,12 @@ impl Loop {
         };
         let token = self.next_extra;
         self.next_extra += 1;
-        if self.poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), Token(token), Interest::READABLE).is_ok() {
+        if self
+            .poll
+            .registry()
+            .register(&mut SourceFd(&fd.as_raw_fd()), Token(token), Interest::READABLE)
+            .is_ok()
+        {
             self.extras.insert(token, (pid, fd));
             self.leftovers_killed += 1;
         } else {
@@ -982,7 +1076,11 @@ impl Loop {
                     _ => libc::SIGTERM,
                 };
                 if self.teardown.is_none() {
-                    self.teardown = Some(Teardown { deadline: Instant::now() + self.grace, escalated: false, rescan_at: None });
+                    self.teardown = Some(Teardown {
+                        deadline: Instant::now() + self.grace,
+                        escalated: false,
+                        rescan_at: None,
+                    });
                 }
                 for pid in leftovers {
                     signals::kill(pid, sig);

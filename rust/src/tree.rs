@@ -48,7 +48,13 @@ pub fn parse_stat(text: &[u8]) -> Option<ProcStat> {
     let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
     let session = fields.next()?.parse().ok()?;
-    Some(ProcStat { pid, ppid, pgrp, session, state })
+    Some(ProcStat {
+        pid,
+        ppid,
+        pgrp,
+        session,
+        state,
+    })
 }
 
 /// Reads one process's stat; `None` if it is gone.
@@ -61,7 +67,9 @@ pub fn read_stat(pid: i32) -> Option<ProcStat> {
 
 /// Every process on the machine, in one pass over `/proc`.
 pub fn snapshot() -> Vec<ProcStat> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
         .filter_map(read_stat)
@@ -104,7 +112,11 @@ pub fn has_marker(pid: i32, marker: &[u8]) -> bool {
 
 /// Every live process on the machine whose environment holds `marker`.
 pub fn marked_processes(marker: &[u8]) -> Vec<i32> {
-    snapshot().into_iter().filter(|p| !p.is_dead() && has_marker(p.pid, marker)).map(|p| p.pid).collect()
+    snapshot()
+        .into_iter()
+        .filter(|p| !p.is_dead() && has_marker(p.pid, marker))
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Kills `pid` and all its descendants: SIGTERM to each (and to its group if it leads one), up
@@ -131,8 +143,10 @@ pub fn kill_tree(pid: i32, grace: Duration) -> usize {
         roots.extend(watched.iter().map(|(p, _)| *p));
         let mut targets = roots.clone();
         targets.extend(descendants(&procs, &roots));
-        let alive: Vec<&ProcStat> =
-            procs.iter().filter(|p| targets.contains(&p.pid) && !p.is_dead()).collect();
+        let alive: Vec<&ProcStat> = procs
+            .iter()
+            .filter(|p| targets.contains(&p.pid) && !p.is_dead())
+            .collect();
         for p in &alive {
             if p.pgrp == p.pid {
                 signals::killpg(p.pgrp, sig);
@@ -148,7 +162,10 @@ pub fn kill_tree(pid: i32, grace: Duration) -> usize {
         // (tests/test_core_orphans.py::test_kill_tree_kills_setsid_and_regrouped_descendants):
         // never `pid` itself. Reaping it stole the exit from its owner: `Popen.wait()` then got
         // ECHILD and reported returncode 0 for a process that was killed.
-        for p in procs.iter().filter(|p| p.pid != pid && targets.contains(&p.pid) && p.is_dead() && p.ppid == my_pid) {
+        for p in procs
+            .iter()
+            .filter(|p| p.pid != pid && targets.contains(&p.pid) && p.is_dead() && p.ppid == my_pid)
+        {
             reap::reap_zombie(p.pid);
         }
         if alive.is_empty() {
@@ -157,7 +174,11 @@ pub fn kill_tree(pid: i32, grace: Duration) -> usize {
         if sig == libc::SIGKILL && Instant::now() > deadline + Duration::from_secs(5) {
             break; // unkillable (D state): give up rather than hang the caller
         }
-        let until = if sig == libc::SIGKILL { Instant::now() + Duration::from_millis(50) } else { deadline };
+        let until = if sig == libc::SIGKILL {
+            Instant::now() + Duration::from_millis(50)
+        } else {
+            deadline
+        };
         wait_for_exits(&mut watched, until, pid);
         if Instant::now() >= deadline {
             sig = libc::SIGKILL;
@@ -204,7 +225,16 @@ mod tests {
     #[test]
     fn stat_with_odd_command_names() {
         let s = parse_stat(b"1234 (my (weird) cmd) S 1 1234 1234 0 -1 4194560").unwrap();
-        assert_eq!(s, ProcStat { pid: 1234, ppid: 1, pgrp: 1234, session: 1234, state: b'S' });
+        assert_eq!(
+            s,
+            ProcStat {
+                pid: 1234,
+                ppid: 1,
+                pgrp: 1234,
+                session: 1234,
+                state: b'S'
+            }
+        );
         let z = parse_stat(b"77 (a b) Z 5 6 7 0").unwrap();
         assert!(z.is_dead());
         assert_eq!(z.ppid, 5);
@@ -214,7 +244,13 @@ mod tests {
 
     #[test]
     fn descendants_follow_parent_links_not_groups() {
-        let p = |pid, ppid, pgrp| ProcStat { pid, ppid, pgrp, session: pgrp, state: b'S' };
+        let p = |pid, ppid, pgrp| ProcStat {
+            pid,
+            ppid,
+            pgrp,
+            session: pgrp,
+            state: b'S',
+        };
         // 10 -> 11 -> 12 (12 escaped to its own group), 10 -> 13; 20 is unrelated.
         let procs = [p(10, 1, 10), p(11, 10, 10), p(12, 11, 12), p(13, 10, 10), p(20, 1, 20)];
         let mut d = descendants(&procs, &[10]);

@@ -66,7 +66,10 @@ impl Watchdog {
             // Its own group: a Ctrl-C to the launcher's terminal group must not kill the guard.
             .process_group(0)
             .spawn()?;
-        Ok(Watchdog { child, pipe: Some(write_end) })
+        Ok(Watchdog {
+            child,
+            pipe: Some(write_end),
+        })
     }
 
     /// The guard's pid.

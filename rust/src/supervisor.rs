@@ -813,19 +813,8 @@ impl Loop {
             }
         }
         let sink = if s.is_stderr { err } else { out };
-        let info = &mut rank.info;
-        let (prefix, console) = (&rank.prefix, rank.console);
-        let keep_tail = s.is_stderr && *tail_lines > 0;
-        let limit = *tail_lines;
-        s.splitter.feed(data, |seg, ending| {
-            info.output_lines += 1;
-            if console {
-                sink.push(prefix, seg, ending);
-            }
-            if keep_tail {
-                push_tail(&mut info.stderr_tail, seg, limit);
-            }
-        });
+        let keep_tail = if s.is_stderr { *tail_lines } else { 0 };
+        s.splitter.feed(data, route_segment(&mut rank.info, sink, &rank.prefix, rank.console, keep_tail));
     }
 
     fn close_stream(&mut self, stream: usize) {
@@ -845,19 +834,8 @@ impl Loop {
         }
         let rank = &mut ranks[r];
         let sink = if s.is_stderr { err } else { out };
-        let info = &mut rank.info;
-        let (prefix, console) = (&rank.prefix, rank.console);
-        let keep_tail = s.is_stderr && *tail_lines > 0;
-        let limit = *tail_lines;
-        s.splitter.finish(|seg, ending| {
-            info.output_lines += 1;
-            if console {
-                sink.push(prefix, seg, ending);
-            }
-            if keep_tail {
-                push_tail(&mut info.stderr_tail, seg, limit);
-            }
-        });
+        let keep_tail = if s.is_stderr { *tail_lines } else { 0 };
+        s.splitter.finish(route_segment(&mut rank.info, sink, &rank.prefix, rank.console, keep_tail));
         rank.dirty = true;
     }
 
@@ -1157,6 +1135,26 @@ impl Loop {
             g.finish();
         }
         let _ = rustix::io::write(&self.shared.done_w, b"x");
+    }
+}
+
+/// Where each segment of a rank's stream goes: counted, to the console behind the rank's prefix
+/// (if shown), and into the stderr tail (the last `keep_tail` lines; 0 for stdout).
+fn route_segment<'a>(
+    info: &'a mut RankInfo,
+    sink: &'a mut Sink,
+    prefix: &'a [u8],
+    console: bool,
+    keep_tail: usize,
+) -> impl FnMut(&[u8], Ending) + 'a {
+    move |seg, ending| {
+        info.output_lines += 1;
+        if console {
+            sink.push(prefix, seg, ending);
+        }
+        if keep_tail > 0 {
+            push_tail(&mut info.stderr_tail, seg, keep_tail);
+        }
     }
 }
 

@@ -5,7 +5,8 @@ House rule (shared/STYLE.md): every test proves it left no process behind. The a
 so every process the test starts (ranks, launchers, helpers, and their descendants, setsid or
 not) inherits it. After the test it scans /proc for live processes other than this one carrying
 the tag, gives stragglers up to 2 s to exit, then SIGKILLs the survivors and fails the test,
-naming them.
+naming them. A process inside execve(2) shows an empty environ for a moment, so every process
+ever seen tagged is remembered and judged by its pid (and start time), never by the last scan.
 """
 
 from __future__ import annotations
@@ -22,12 +23,24 @@ TEST_TAG_VAR = 'DSLAUNCH_TEST_TAG'
 STRAGGLER_WAIT_S = 2.0
 
 
-def _state(pid: int) -> str | None:
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first); None if gone."""
     try:
         with open(f'/proc/{pid}/stat', 'rb') as f:
-            return f.read().rsplit(b')', 1)[1].split()[0].decode()
+            return f.read().rsplit(b')', 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _state(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[0].decode() if fields else None
+
+
+def _identity(pid: int) -> bytes | None:
+    """The start time of a live (non-zombie) `pid`: with the pid, it names one process for good."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields and fields[0] not in (b'Z', b'X') else None
 
 
 def _tagged_processes(entry: bytes) -> dict[int, str]:
@@ -77,11 +90,26 @@ def no_process_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv(TEST_TAG_VAR, tag)
     yield tag
     entry = f'{TEST_TAG_VAR}={tag}'.encode()
+    seen: dict[int, tuple[bytes, str]] = {}  # pid -> (start time, command line)
+
+    def scan() -> None:
+        for pid, cmd in _tagged_processes(entry).items():
+            ident = _identity(pid)
+            if ident is not None:
+                seen.setdefault(pid, (ident, cmd))
+
+    def still_alive() -> dict[int, str]:
+        return {pid: cmd for pid, (ident, cmd) in seen.items() if _identity(pid) == ident}
+
+    scan()
     deadline = time.monotonic() + STRAGGLER_WAIT_S
-    survivors = _tagged_processes(entry)
-    while survivors and time.monotonic() < deadline:
+    while still_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
-        survivors = _tagged_processes(entry)
+        scan()
+    for _ in range(3):  # a process that was invisible (inside execve) in one scan shows in the next
+        time.sleep(0.01)
+        scan()
+    survivors = still_alive()
     for pid in survivors:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -89,8 +117,11 @@ def no_process_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             pass
     if survivors:
         kill_deadline = time.monotonic() + STRAGGLER_WAIT_S
-        while _tagged_processes(entry) and time.monotonic() < kill_deadline:
+        while still_alive() and time.monotonic() < kill_deadline:
             time.sleep(0.02)
+            scan()  # and whatever they started meanwhile
+        for pid in still_alive():
+            os.kill(pid, signal.SIGKILL)
     _reap_zombie_children()
     if survivors:
         listing = '\n'.join(f'  pid {pid}: {cmd}' for pid, cmd in sorted(survivors.items()))

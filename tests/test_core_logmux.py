@@ -141,11 +141,15 @@ def test_last_words_of_ranks_that_exit_at_once_are_never_lost(tmp_path: Path) ->
 
 def test_carriage_returns_and_invalid_utf8_pass_through_unchanged(tmp_path: Path) -> None:
     data = b'10%\r20%\r30%\rdone\r\n\xff\xfe\x80 not utf-8 \xc3\x28\nno newline \xe2\x82'
-    rank = _core.RankSpec([PY, '-c', f'import os; os.write(1, {data!r}); os.write(2, {data!r})'], log_file=tmp_path / 'log')
+    rank = _core.RankSpec(
+        [PY, '-c', f'import os; os.write(1, {data!r}); os.write(2, {data!r})'], log_file=tmp_path / 'log'
+    )
     with console('file', tmp_path, 'out') as (out_fd, out), console('file', tmp_path, 'err') as (err_fd, err):
         report = _core.Supervisor([rank], stdout_fd=out_fd, stderr_fd=err_fd).run()
     assert report.returncode == 0
-    shown = b'[0]: 10%\r[0]: 20%\r[0]: 30%\r[0]: done\r\n[0]: \xff\xfe\x80 not utf-8 \xc3\x28\n[0]: no newline \xe2\x82\n'
+    shown = (
+        b'[0]: 10%\r[0]: 20%\r[0]: 30%\r[0]: done\r\n[0]: \xff\xfe\x80 not utf-8 \xc3\x28\n[0]: no newline \xe2\x82\n'
+    )
     assert out[0] == shown
     assert err[0] == shown
     assert (tmp_path / 'log').read_bytes() == data + data
@@ -214,7 +218,8 @@ def test_custom_prefix_template(tmp_path: Path) -> None:
 
 def test_console_ranks_shows_only_those_but_logs_all(tmp_path: Path) -> None:
     ranks = [
-        _core.RankSpec(['/bin/sh', '-c', f'echo out {r}; echo err {r} >&2'], log_file=tmp_path / f'{r}.log') for r in range(3)
+        _core.RankSpec(['/bin/sh', '-c', f'echo out {r}; echo err {r} >&2'], log_file=tmp_path / f'{r}.log')
+        for r in range(3)
     ]
     ranks.append(_core.RankSpec(['echo', 'hidden by its spec'], console=False))
     with console('file', tmp_path, 'out') as (out_fd, out), console('file', tmp_path, 'err') as (err_fd, err):

@@ -20,7 +20,10 @@ LONG_GRACE = 30.0
 
 def _signal_ranks(tmp_path: Path, n: int = N, ignore: str = '') -> list[list[str]]:
     extra = ['--ignore', ignore] if ignore else []
-    return [[PY, str(HELPERS / 'signal_rank.py'), str(tmp_path / f'sig{i}'), str(tmp_path / f'ready{i}'), *extra] for i in range(n)]
+    return [
+        [PY, str(HELPERS / 'signal_rank.py'), str(tmp_path / f'sig{i}'), str(tmp_path / f'ready{i}'), *extra]
+        for i in range(n)
+    ]
 
 
 def _wait_ready(tmp_path: Path, n: int = N) -> None:
@@ -37,7 +40,9 @@ def _all_received(tmp_path: Path, expected: list[int], n: int = N) -> bool:
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
-def test_terminating_signal_to_launcher_reaches_every_rank_and_ends_the_job(tmp_path: Path, sig: signal.Signals) -> None:
+def test_terminating_signal_to_launcher_reaches_every_rank_and_ends_the_job(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     spec = {'ranks': [{'argv': a} for a in _signal_ranks(tmp_path)], 'options': {'grace_period': LONG_GRACE}}
     with Launcher(spec) as launcher:
         started = launcher.event()
@@ -73,7 +78,10 @@ def test_usr_signals_are_forwarded_without_ending_the_job(tmp_path: Path) -> Non
 
 
 def test_second_sigint_kills_at_once_despite_a_long_grace_period(tmp_path: Path) -> None:
-    spec = {'ranks': [{'argv': a} for a in _signal_ranks(tmp_path, ignore='INT,TERM')], 'options': {'grace_period': LONG_GRACE}}
+    spec = {
+        'ranks': [{'argv': a} for a in _signal_ranks(tmp_path, ignore='INT,TERM')],
+        'options': {'grace_period': LONG_GRACE},
+    }
     with Launcher(spec) as launcher:
         started = launcher.event()
         _wait_ready(tmp_path)
@@ -107,7 +115,9 @@ def test_rank_ignoring_sigterm_is_killed_when_the_grace_period_ends(tmp_path: Pa
 
 def test_terminate_from_python_honours_its_own_grace_period(tmp_path: Path) -> None:
     sup = _core.Supervisor(
-        [_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2, ignore='TERM')], grace_period=LONG_GRACE, forward_signals=[]
+        [_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2, ignore='TERM')],
+        grace_period=LONG_GRACE,
+        forward_signals=[],
     )
     sup.start()
     _wait_ready(tmp_path, 2)
@@ -123,7 +133,9 @@ def test_terminate_from_python_honours_its_own_grace_period(tmp_path: Path) -> N
 
 
 def test_terminate_with_another_signal(tmp_path: Path) -> None:
-    sup = _core.Supervisor([_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2)], grace_period=LONG_GRACE, forward_signals=[])
+    sup = _core.Supervisor(
+        [_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2)], grace_period=LONG_GRACE, forward_signals=[]
+    )
     sup.start()
     _wait_ready(tmp_path, 2)
     sup.terminate(signal=signal.SIGHUP)
@@ -134,7 +146,9 @@ def test_terminate_with_another_signal(tmp_path: Path) -> None:
 
 
 def test_kill_from_python_is_immediate() -> None:
-    sup = _core.Supervisor([_core.RankSpec(['sleep', '60']) for _ in range(4)], grace_period=LONG_GRACE, forward_signals=[])
+    sup = _core.Supervisor(
+        [_core.RankSpec(['sleep', '60']) for _ in range(4)], grace_period=LONG_GRACE, forward_signals=[]
+    )
     sup.start()
     t0 = time.monotonic()
     sup.kill()
@@ -145,7 +159,9 @@ def test_kill_from_python_is_immediate() -> None:
 
 
 def test_send_signal_from_python_forwards_to_every_group(tmp_path: Path) -> None:
-    sup = _core.Supervisor([_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2)], grace_period=LONG_GRACE, forward_signals=[])
+    sup = _core.Supervisor(
+        [_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2)], grace_period=LONG_GRACE, forward_signals=[]
+    )
     with sup:
         _wait_ready(tmp_path, 2)
         sup.send_signal(signal.SIGUSR2)
@@ -164,13 +180,13 @@ def test_ctrl_c_in_python_still_works_and_the_with_block_tears_down() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     progress: list[str] = []
     t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        with _core.Supervisor([_core.RankSpec(['sleep', '60']) for _ in range(2)], forward_signals=[]) as sup:
-            pids = sup.pids
-            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-            progress.append('waiting')
-            sup.wait()
-            progress.append('wait returned')
+    sup = _core.Supervisor([_core.RankSpec(['sleep', '60']) for _ in range(2)], forward_signals=[])
+    with pytest.raises(KeyboardInterrupt), sup:
+        pids = sup.pids
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        progress.append('waiting')
+        sup.wait()
+        progress.append('wait returned')
     assert progress == ['waiting'], 'KeyboardInterrupt came out of wait()'
     assert time.monotonic() - t0 < 5
     assert all_dead(pids), 'leaving the with block tore the ranks down'

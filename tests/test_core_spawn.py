@@ -52,7 +52,7 @@ def test_ranks_run_in_own_process_groups_with_dev_null_stdin_and_run_id(run_id: 
             assert os.readlink(f'/proc/{pid}/fd/1').startswith('pipe:')
             # posix_spawn returns once the exec has begun; /proc/<pid>/environ reads empty until
             # the kernel has finished setting up the new image, so poll.
-            wait_until(lambda: environ_has(pid, f'DSLAUNCH_RUN_ID={run_id}'), 5, 'the run id in the environ')
+            wait_until(lambda pid=pid: environ_has(pid, f'DSLAUNCH_RUN_ID={run_id}'), 5, 'the run id in the environ')
         assert sorted(_core.find_marked(f'{_core.RUN_ID_VAR}={run_id}')) == sorted(pids)
         sup.kill()
         report = sup.wait(timeout=10)
@@ -132,7 +132,9 @@ def test_exits_are_reaped_as_they_happen_without_polling(run_id: str) -> None:
 
 def _supervisor_thread() -> int:
     tids = [
-        int(t) for t in os.listdir('/proc/self/task') if Path(f'/proc/self/task/{t}/comm').read_text().startswith('dslaunch-super')
+        int(t)
+        for t in os.listdir('/proc/self/task')
+        if Path(f'/proc/self/task/{t}/comm').read_text().startswith('dslaunch-super')
     ]
     assert len(tids) == 1, tids
     return tids[0]
@@ -210,7 +212,9 @@ def test_cwd_is_honoured_and_relative_programs_resolve_against_the_launcher(tmp_
     os.chdir(tmp_path)
     try:
         report = _core.Supervisor(
-            [_core.RankSpec(['./where.sh'], cwd='sub'), _core.RankSpec(['sub/where.sh'])], stdout_fd=fd, prefix='{rank} '
+            [_core.RankSpec(['./where.sh'], cwd='sub'), _core.RankSpec(['sub/where.sh'])],
+            stdout_fd=fd,
+            prefix='{rank} ',
         ).run()
     finally:
         os.chdir(old)
@@ -233,7 +237,8 @@ def test_failed_spawn_of_rank_k_leaves_no_rank_alive(tmp_path: Path, run_id: str
     """Ranks 0..k-1 start (each with setsid and double-forked descendants), rank k cannot: the
     OSError comes only after every process of the job is gone."""
     ranks = [
-        _core.RankSpec([PY, str(HELPERS / 'tree.py'), str(tmp_path / f'tree{i}.json')], env={'I': str(i)}) for i in range(k)
+        _core.RankSpec([PY, str(HELPERS / 'tree.py'), str(tmp_path / f'tree{i}.json')], env={'I': str(i)})
+        for i in range(k)
     ]
     ranks.append(_core.RankSpec([tmp_path / 'missing-program']))
     ranks += [_core.RankSpec(['sleep', '30']) for _ in range(2)]

@@ -64,7 +64,9 @@ def test_status_never_blocks_even_with_a_stalled_console() -> None:
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     try:
-        stuck = wait_until(lambda: sum(s.output_bytes for s in sup.status()) > 8 << 20 and sup.status(), 30, 'the backlog')
+        stuck = wait_until(
+            lambda: sum(s.output_bytes for s in sup.status()) > 8 << 20 and sup.status(), 30, 'the backlog'
+        )
         assert all(s.state == 'running' for s in stuck), 'the ranks are blocked on their full pipes'
         for _ in range(20):
             t0 = time.monotonic()
@@ -89,7 +91,9 @@ def test_one_supervisor_after_another_in_one_process(tmp_path: Path) -> None:
     process reaches the second job's ranks), its own report and run id; nothing of the first
     lingers."""
     null = os.open(os.devnull, os.O_WRONLY)
-    first = _core.Supervisor([_core.RankSpec(['/bin/sh', '-c', 'exit 3']), _core.RankSpec(['sleep', '30'])], stdout_fd=null)
+    first = _core.Supervisor(
+        [_core.RankSpec(['/bin/sh', '-c', 'exit 3']), _core.RankSpec(['sleep', '30'])], stdout_fd=null
+    )
     report1 = first.run()
     assert report1.returncode == 3 and report1.first_failure is not None
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
@@ -99,7 +103,9 @@ def test_one_supervisor_after_another_in_one_process(tmp_path: Path) -> None:
     second.start()
     wait_until((tmp_path / 'ready').exists, 10, 'the rank to be ready')
     os.kill(os.getpid(), signal.SIGUSR1)  # received by this process, forwarded by the running job
-    wait_until(lambda: (tmp_path / 'sig').exists() and (tmp_path / 'sig').read_text() == '10\n', 5, 'the forwarded SIGUSR1')
+    wait_until(
+        lambda: (tmp_path / 'sig').exists() and (tmp_path / 'sig').read_text() == '10\n', 5, 'the forwarded SIGUSR1'
+    )
     report2 = second.wait(timeout=20)
     assert report2 is not None and report2.returncode == 0 and report2.run_id == second.run_id
     assert report1.run_id == first.run_id and report1.returncode == 3

@@ -25,6 +25,10 @@ EXTENSIONS = {
         'raw_output': False,
         'console_ranks': None,
         'hang_timeout': 0.0,
+        'report_json': None,
+        'max_restarts': None,
+        'rdzv_timeout': None,
+        'rdzv_conf': None,
     },
     'launch.parse_args': {
         'enable_elastic_training': False,
@@ -34,6 +38,10 @@ EXTENSIONS = {
         'raw_output': False,
         'console_ranks': None,
         'dry_run': False,
+        'report_json': None,
+        'max_restarts': None,
+        'rdzv_timeout': None,
+        'rdzv_conf': None,
     },
     'launcher_helper.parse_args': {},
 }

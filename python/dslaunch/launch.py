@@ -76,6 +76,7 @@ def build_parser(prog: str | None = None) -> CompatArgumentParser:
     )
     p.add_extension('--min_elastic_nodes', type=int, default=-1, help='Fewest nodes for elastic training.')
     p.add_extension('--max_elastic_nodes', type=int, default=-1, help='Most nodes for elastic training.')
+    _add_elastic_extensions(p)
     p.add_extension(
         '--grace_period', type=float, default=30.0, help='Seconds between SIGTERM and SIGKILL when tearing ranks down.'
     )
@@ -89,6 +90,22 @@ def build_parser(prog: str | None = None) -> CompatArgumentParser:
     p.add_extension('--dry_run', action='store_true', help='Print the ranks that would start and exit.')
     p.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
     return p
+
+
+def _add_elastic_extensions(p: CompatArgumentParser) -> None:
+    """dslaunch's elastic options (the runner has the same ones and forwards them when set)."""
+    p.add_extension(
+        '--max_restarts', type=int, default=None, help='Elastic: restarts after a rank failure (default 3).'
+    )
+    p.add_extension(
+        '--rdzv_timeout', type=int, default=None, help='Elastic: seconds for a rendezvous to form (default 600).'
+    )
+    p.add_extension(
+        '--rdzv_conf',
+        type=str,
+        default=None,
+        help='Elastic: c10d rendezvous options, e.g. last_call_timeout=5,keep_alive_interval=2.',
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:

@@ -142,6 +142,11 @@ def _add_runner_extensions(p: CompatArgumentParser) -> None:
     p.add_extension('--elastic_training', action='store_true', help='Elastic training (dslaunch; as DeepSpeed 0.19.7).')
     p.add_extension('--min_elastic_nodes', type=int, default=-1, help='Fewest hosts for elastic training.')
     p.add_extension('--max_elastic_nodes', type=int, default=-1, help='Most hosts for elastic training.')
+    p.add_extension('--max_restarts', type=int, default=None, help='Elastic: restarts after a rank failure (3).')
+    p.add_extension('--rdzv_timeout', type=int, default=None, help='Elastic: seconds for a rendezvous to form (600).')
+    p.add_extension(
+        '--rdzv_conf', type=str, default=None, help='Elastic: c10d rendezvous options, e.g. last_call_timeout=5.'
+    )
     p.add_extension('--dry_run', action='store_true', help='Print what would be launched and exit.')
     p.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
     p.add_extension(
@@ -308,6 +313,12 @@ def plan(
     # Steps 8-9 and 15. Deviation: ssh is used only where the job uses ssh (pdsh across hosts):
     # not for MPI/Slurm, not with --no_ssh, not when the job then runs on this machine.
     multinode = (args.force_multi or len(active) > 1) and not args.no_ssh
+    if getattr(args, 'elastic_training', False) and multinode and launcher != PDSH:
+        # MPI and Slurm start every rank themselves: there is no per-node agent to restart them.
+        raise UsageError(
+            f'--elastic_training needs per-node launchers: use --launcher pdsh, or start each host '
+            f'with --no_ssh; {launcher} starts the ranks itself'
+        )
     backends = _backends_module() if multinode else None
     if backends is not None:
         backends.launcher_class(launcher).validate_active_resources(active)  # a class method, as in DeepSpeed
@@ -404,6 +415,10 @@ def launcher_command(
         cmd.append('--raw_output')
     if getattr(args, 'console_ranks', None) is not None:
         cmd.append(f'--console_ranks={args.console_ranks}')
+    if getattr(args, 'elastic_training', False):
+        from .elastic import launch_flags
+
+        cmd += launch_flags(args)
     if getattr(args, 'report_json', None) is not None:
         cmd.append(f'--report_json={os.path.abspath(args.report_json)}')
     return cmd + [args.user_script, *args.user_args]
@@ -483,6 +498,17 @@ def _check_dslaunch_flags(args: argparse.Namespace) -> None:
         low, high = args.min_elastic_nodes, args.max_elastic_nodes
         if low > 0 and high > 0 and low > high:
             raise UsageError(f'--min_elastic_nodes {low} is larger than --max_elastic_nodes {high}')
+        if (getattr(args, 'max_restarts', None) or 0) < 0:
+            raise UsageError(f'--max_restarts must be >= 0, got {args.max_restarts}')
+        if getattr(args, 'rdzv_timeout', None) is not None and args.rdzv_timeout <= 0:
+            raise UsageError(f'--rdzv_timeout must be a positive number of seconds, got {args.rdzv_timeout}')
+        from .elastic import parse_rdzv_conf
+
+        parse_rdzv_conf(getattr(args, 'rdzv_conf', None))
+    else:
+        given = [f'--{n}' for n in ('max_restarts', 'rdzv_timeout', 'rdzv_conf') if getattr(args, n, None) is not None]
+        if given:
+            raise UsageError(f'{", ".join(given)} only apply with --elastic_training')
     if getattr(args, 'grace_period', 0.0) < 0:
         raise UsageError(f'--grace_period must be >= 0 seconds, got {args.grace_period}')
     if getattr(args, 'hang_timeout', 0.0) < 0:
@@ -522,7 +548,9 @@ def _limit_nodes_and_gpus(
 def _choose_port(args: argparse.Namespace, probes: Probes, master_addr: str, multinode: bool) -> int:
     """``--master_port``, with 0 meaning "pick one" and a taken port reported up front (dslaunch)."""
     port: int = args.master_port
-    local_master = not multinode and (not args.no_ssh or args.node_rank == 0)
+    # Elastic: any node's agent may already host the rendezvous store on that port.
+    elastic = getattr(args, 'elastic_training', False)
+    local_master = not multinode and (not args.no_ssh or args.node_rank == 0) and not elastic
     if port == 0:
         if multinode or args.no_ssh:
             raise UsageError(

@@ -30,8 +30,20 @@ TORCH_ONLY_OPTIONS = (
 )
 
 
+#: DeepSpeed-side options that settle the question the other way (`--max_restarts` is shared).
+DEEPSPEED_ONLY_OPTIONS = ('--elastic_training', '--min_elastic_nodes', '--max_elastic_nodes', '--num_gpus',
+                          '--num_accelerators', '--hostfile', '--include', '--exclude', '--launcher')
+
+
 def wants_torch_cli(argv: Sequence[str]) -> bool:
     """Whether `argv` uses torch's launcher flags (before the script), not DeepSpeed's."""
+    before_script = []
+    for arg in argv:
+        if not arg.startswith('-') or arg == '--':
+            break
+        before_script.append(arg.split('=', 1)[0])
+    if any(a in DEEPSPEED_ONLY_OPTIONS for a in before_script):
+        return False
     for arg in argv:
         if not arg.startswith('-'):
             return False  # the script: everything after it belongs to the user

@@ -6,10 +6,13 @@ SPEC_JSON: {"ranks": [{"argv": [...], "env": {...}, "log_file": ..., "tag": ...}
             "options": {Supervisor keyword arguments},
             "console": path or null (the ranks' stdout and stderr; default /dev/null),
             "nofile": [soft, hard] or null (RLIMIT_NOFILE to set before starting),
-            "mode": "wait" (default) | "with" (a `with Supervisor(...)` block around wait())}
+            "mode": "wait" (default) | "with" (a `with Supervisor(...)` block around wait()),
+            "jobs": K (default 1: K independent supervisors of these ranks, each with its own
+                    run id and orphan guard; the events then list every job's pids and run ids)}
 
 Writes one JSON object per line to its stdout (the events), flushed at once:
   {"event": "started", "run_id": ..., "pids": [...], "nofile": [soft, hard]}
+  {"event": "started_jobs", "run_ids": [...], "pids": [...]}   (with "jobs")
   {"event": "report", "returncode": ..., "interrupted_by": ..., "stopped": ..., "leftovers_killed": ...,
    "first_failure": rank or null, "ranks": [{"pid", "state", "returncode"}]}
   {"event": "error", "type": ..., "errno": ..., "filename": ..., "message": ...}
@@ -23,6 +26,7 @@ import json
 import os
 import resource
 import sys
+from typing import Any
 
 from dslaunch import _core
 
@@ -45,10 +49,14 @@ def main() -> int:
     if spec.get('nofile'):
         resource.setrlimit(resource.RLIMIT_NOFILE, tuple(spec['nofile']))
     console = os.open(spec.get('console') or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    ranks = [_core.RankSpec(r['argv'], env=r.get('env'), log_file=r.get('log_file'), tag=r.get('tag')) for r in spec['ranks']]
-    options = dict(spec.get('options') or {})
+    ranks = [
+        _core.RankSpec(r['argv'], env=r.get('env'), log_file=r.get('log_file'), tag=r.get('tag')) for r in spec['ranks']
+    ]
+    options: dict[str, Any] = dict(spec.get('options') or {})
     options.setdefault('stdout_fd', console)
     options.setdefault('stderr_fd', console)
+    if spec.get('jobs'):
+        return run_jobs(spec['jobs'], ranks, options)
     sup = _core.Supervisor(ranks, **options)
     try:
         sup.start()
@@ -73,9 +81,20 @@ def main() -> int:
         stopped=report.stopped,
         leftovers_killed=report.leftovers_killed,
         first_failure=None if report.first_failure is None else report.first_failure.rank,
-        ranks=[{'pid': r.pid, 'state': r.state, 'returncode': r.returncode, 'ended_at': r.ended_at} for r in report.ranks],
+        ranks=[
+            {'pid': r.pid, 'state': r.state, 'returncode': r.returncode, 'ended_at': r.ended_at} for r in report.ranks
+        ],
     )
     return report.returncode
+
+
+def run_jobs(k: int, ranks: list[_core.RankSpec], options: dict[str, Any]) -> int:
+    sups = [_core.Supervisor(ranks, forward_signals=[], **options) for _ in range(k)]
+    for sup in sups:
+        sup.start()
+    emit(event='started_jobs', run_ids=[s.run_id for s in sups], pids=[p for s in sups for p in s.pids])
+    reports = [s.wait() for s in sups]
+    return max(r.returncode for r in reports if r is not None)
 
 
 if __name__ == '__main__':

@@ -9,7 +9,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 HELPERS = Path(__file__).resolve().parent
 PY = sys.executable
@@ -60,7 +63,11 @@ def environ_has(pid: int, entry: str) -> bool:
 def marked(entry: str) -> list[int]:
     """Live pids whose environment holds `entry` (NAME=VALUE), by a plain /proc scan."""
     me = os.getpid()
-    return [int(d) for d in os.listdir('/proc') if d.isdigit() and int(d) != me and alive(int(d)) and environ_has(int(d), entry)]
+    return [
+        int(d)
+        for d in os.listdir('/proc')
+        if d.isdigit() and int(d) != me and alive(int(d)) and environ_has(int(d), entry)
+    ]
 
 
 def zombie_children() -> list[int]:
@@ -77,7 +84,8 @@ def zombie_children() -> list[int]:
 
 def read_json_when_ready(path: Path, timeout: float = 10.0) -> dict[str, Any]:
     wait_until(path.exists, timeout, f'{path} to appear')
-    return json.loads(path.read_text())
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
 
 
 class Launcher:
@@ -106,7 +114,8 @@ class Launcher:
         line = self._out.readline()
         if not line:
             raise AssertionError(f'launcher exited (rc={self.proc.wait()}) without the expected event')
-        return json.loads(line)
+        event: dict[str, Any] = json.loads(line)
+        return event
 
     def events(self) -> Iterator[dict[str, Any]]:
         while line := self._out.readline():
@@ -124,7 +133,7 @@ class Launcher:
         self.proc.wait()
         self._out.close()
 
-    def __enter__(self) -> Launcher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

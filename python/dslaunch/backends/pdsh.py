@@ -109,6 +109,13 @@ class PDSHRunner(MultiNodeRunner):
             flags.append('--raw_output')
         if getattr(self.args, 'console_ranks', None) is not None:
             flags.append(f'--console_ranks={self.args.console_ranks}')
+        if getattr(self.args, 'report_json', None) is not None:
+            flags.append(f'--report_json={os.path.abspath(self.args.report_json)}')
+        if getattr(self.args, 'elastic_training', False):  # DeepSpeed 0.19.7's pdsh runner forwarded these
+            from dslaunch.elastic import launch_flags
+
+            flags += ['--enable_elastic_training', f'--max_elastic_nodes={self.args.max_elastic_nodes}',
+                      f'--min_elastic_nodes={self.args.min_elastic_nodes}', *launch_flags(self.args)]
         return flags
 
     def kill_cmd(self, job_id: str, signal_name: str = 'TERM') -> list[str]:

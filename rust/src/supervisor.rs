@@ -765,11 +765,9 @@ impl Loop {
                 }
                 Ok(n) => {
                     self.on_output(i, n);
-                    if n == self.buf.len() {
-                        self.ready.push_back(i); // more may be waiting: come back after the others
-                    } else {
-                        self.is_ready[i] = false;
-                    }
+                    // Edge-triggered epoll: only EAGAIN or EOF proves the pipe is drained (a
+                    // short read can leave the EOF of a rank that wrote and exited at once).
+                    self.ready.push_back(i);
                 }
                 Err(e) if e == rustix::io::Errno::AGAIN => self.is_ready[i] = false,
                 Err(e) if e == rustix::io::Errno::INTR => self.ready.push_back(i),

@@ -36,7 +36,7 @@ test-python: ## pytest (real processes); no test collected counts as a failure
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 .PHONY: test
-test: install test-rust test-python ## set up and run every test
+test: install system-deps test-rust test-python ## set up (dev deps; as root also the multi-node engines) and run every test
 
 .PHONY: lint
 lint: ## rustfmt, clippy, ruff, mypy, stubtest

@@ -325,6 +325,7 @@ def expected_env(w: World, env_in: dict[str, str], ds_env_out: dict[str, str] | 
     if w.name == 'slurm':  # deviation: exports travel in srun's environment
         out.update(w.raw)
         out.update(master(w.args))
+        out.setdefault('SLURM_KILL_BAD_EXIT', '1')  # deviation: a failing task stops the step (srun -K)
     return out
 
 

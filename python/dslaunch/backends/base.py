@@ -189,6 +189,14 @@ class MultiNodeRunner:
             raise ResourceFilterError(message)
         return sum(counts), counts[0]
 
+    # ---- signals ---------------------------------------------------------------------------------
+    def forwarded_signal(self, sig: int) -> int:
+        """The signal to send the backend command when the runner receives ``sig`` (Ctrl-C: SIGINT).
+
+        Most launchers stop the job on SIGINT; srun treats a single SIGINT as a status request.
+        """
+        return sig
+
     # ---- temp files ------------------------------------------------------------------------------
     def write_temp_file(self, prefix: str, text: str) -> str:
         """A new per-job file (never a fixed path another job could overwrite); removed by ``cleanup``."""
@@ -207,6 +215,12 @@ class MultiNodeRunner:
                 os.unlink(self._temp_files.pop())
             except FileNotFoundError:
                 pass
+
+    def keep_temp_files(self) -> list[str]:
+        """Stop managing the temp files ``get_cmd`` wrote and return their paths: for ``--dry_run``,
+        whose printed command names them and must still work when pasted after we exit."""
+        kept, self._temp_files = self._temp_files, []
+        return kept
 
 
 def which_in_dir(program: str, directory: str) -> str | None:

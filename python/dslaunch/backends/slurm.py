@@ -4,10 +4,16 @@ srun's ``--export=ALL,K=V,...`` splits on commas and cannot carry a newline, so 
 ``64(x2),a`` or a multi-line one cannot go there. ``--export=ALL`` forwards srun's whole
 environment, so the exports are put into the environment srun is started with instead.
 Shapes follow DeepSpeed 0.19.7+ (no ``--include``/``--exclude`` forwarded, ``-n`` = kept slots).
+
+Two srun defaults do not fit a training job: a task that exits non-zero leaves the others running
+(blocked in a collective until a timeout), and one SIGINT only prints the tasks' status. So the
+environment gets ``SLURM_KILL_BAD_EXIT=1`` (srun's ``-K``; a user's own setting or ``-K0`` in
+``--launcher_args`` wins), and ``forwarded_signal`` turns the runner's SIGINT into SIGTERM.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import MutableMapping
 
 from ..errors import ResourceFilterError
@@ -48,4 +54,8 @@ class SlurmRunner(MultiNodeRunner):
             cmd += ['--gpus-per-node', str(self.arg('num_gpus'))]
         for key, value in [*self.exports.items(), *self.rank_exports()]:
             environment[key] = value
+        environment.setdefault('SLURM_KILL_BAD_EXIT', '1')
         return cmd + ['--export=ALL'] + self.helper_cmd()
+
+    def forwarded_signal(self, sig: int) -> int:
+        return int(signal.SIGTERM) if sig == signal.SIGINT else sig

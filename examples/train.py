@@ -46,6 +46,9 @@ def main() -> int:
     same = all(torch.equal(gathered[0], g) for g in gathered)
     print(f'rank {rank}: parameters identical on all {world} ranks: {same} '
           f'(LOCAL_RANK={os.environ.get("LOCAL_RANK")}, --local_rank={args.local_rank})', flush=True)
+    # Drop the DDP model first: it keeps the process group alive past destroy_process_group(), and
+    # gloo's worker thread could then free a finished collective during interpreter shutdown.
+    del model, opt
     dist.destroy_process_group()
     return 0 if same else 1
 

@@ -131,6 +131,12 @@ fn spawned_rank_leads_its_own_group_with_piped_output() {
         s.pid,
         format!("{RUN_ID_VAR}={id}").as_bytes()
     )));
+    // Kill only once the shell has exec'd `sleep`, i.e. after both echoes ran.
+    assert!(wait_until(Duration::from_secs(5), || std::fs::read_to_string(format!(
+        "/proc/{}/comm",
+        s.pid
+    ))
+    .is_ok_and(|c| c.trim() == "sleep")));
     _core::signals::killpg(s.pid, libc::SIGKILL);
     assert_eq!(
         reap::reap_blocking(&s.pidfd).unwrap(),

@@ -812,7 +812,10 @@ impl Loop {
         }
         let sink = if s.is_stderr { err } else { out };
         let keep_tail = if s.is_stderr { *tail_lines } else { 0 };
-        s.splitter.feed(data, route_segment(&mut rank.info, sink, &rank.prefix, rank.console, keep_tail));
+        s.splitter.feed(
+            data,
+            route_segment(&mut rank.info, sink, &rank.prefix, rank.console, keep_tail),
+        );
     }
 
     fn close_stream(&mut self, stream: usize) {
@@ -833,7 +836,13 @@ impl Loop {
         let rank = &mut ranks[r];
         let sink = if s.is_stderr { err } else { out };
         let keep_tail = if s.is_stderr { *tail_lines } else { 0 };
-        s.splitter.finish(route_segment(&mut rank.info, sink, &rank.prefix, rank.console, keep_tail));
+        s.splitter.finish(route_segment(
+            &mut rank.info,
+            sink,
+            &rank.prefix,
+            rank.console,
+            keep_tail,
+        ));
         rank.dirty = true;
     }
 

@@ -29,6 +29,20 @@ class CompatArgumentParser(argparse.ArgumentParser):
         self._extension_actions.add(action)
         return action
 
+    def add_job_extensions(self) -> None:
+        """The dslaunch options the runner and the per-node launcher share (the runner forwards them)."""
+        self.add_extension(
+            '--grace_period', type=float, default=30.0, help='Seconds between SIGTERM and SIGKILL when tearing ranks down.'
+        )
+        self.add_extension('--raw_output', action='store_true', help='Do not prefix output lines with the rank.')
+        self.add_extension(
+            '--console_ranks',
+            type=str,
+            default=None,
+            help='Ranks whose output reaches the console, e.g. 0 or 0,2-3; unset: all.',
+        )
+        self.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
+
     def _get_option_tuples(self, option_string: str) -> list[Any]:  # argparse internal hook
         matches = super()._get_option_tuples(option_string)
         native = [m for m in matches if m[0] not in self._extension_actions]

@@ -77,18 +77,8 @@ def build_parser(prog: str | None = None) -> CompatArgumentParser:
     p.add_extension('--min_elastic_nodes', type=int, default=-1, help='Fewest nodes for elastic training.')
     p.add_extension('--max_elastic_nodes', type=int, default=-1, help='Most nodes for elastic training.')
     _add_elastic_extensions(p)
-    p.add_extension(
-        '--grace_period', type=float, default=30.0, help='Seconds between SIGTERM and SIGKILL when tearing ranks down.'
-    )
-    p.add_extension('--raw_output', action='store_true', help='Do not prefix output lines with the rank.')
-    p.add_extension(
-        '--console_ranks',
-        type=str,
-        default=None,
-        help='Ranks whose output reaches the console, e.g. 0 or 0,2-3; unset: all.',
-    )
+    p.add_job_extensions()
     p.add_extension('--dry_run', action='store_true', help='Print the ranks that would start and exit.')
-    p.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
     return p
 
 

@@ -148,17 +148,7 @@ def _add_runner_extensions(p: CompatArgumentParser) -> None:
         '--rdzv_conf', type=str, default=None, help='Elastic: c10d rendezvous options, e.g. last_call_timeout=5.'
     )
     p.add_extension('--dry_run', action='store_true', help='Print what would be launched and exit.')
-    p.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
-    p.add_extension(
-        '--grace_period', type=float, default=30.0, help='Seconds between SIGTERM and SIGKILL when tearing ranks down.'
-    )
-    p.add_extension('--raw_output', action='store_true', help='Do not prefix output lines with the rank.')
-    p.add_extension(
-        '--console_ranks',
-        type=str,
-        default=None,
-        help='Ranks whose output reaches the console, e.g. 0 or 0,2-3; unset: all.',
-    )
+    p.add_job_extensions()
     p.add_extension(
         '--hang_timeout',
         type=float,

@@ -94,6 +94,9 @@ def main() -> int:
         f'rank {rank}/{world} finished {args.steps} steps, loss {loss.item():.4f}, parameters identical: {same}',
         flush=True,
     )
+    # Drop DDP first: it keeps the process group alive past destroy_process_group(), and gloo's
+    # worker thread could then free a finished collective during interpreter shutdown (SIGABRT).
+    del ddp, opt
     dist.destroy_process_group()
     return 0 if same else 1
 

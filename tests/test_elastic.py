@@ -104,13 +104,14 @@ class Node:
                 self._cond.wait(min(left, 0.2))
         raise AssertionError(f'no line matching {rx.pattern!r} within {timeout} s; output:\n{self.output}')
 
-    def finish(self, timeout: float = 90) -> int:
+    def finish(self, timeout: float = 90, *others: Node) -> int:
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f'node did not finish within {timeout} s; output:\n{self.output}') from None
+            rest = ''.join(f'\n--- other node ---\n{o.output}' for o in others)
+            raise AssertionError(f'node did not finish within {timeout} s; output:\n{self.output}{rest}') from None
         self._reader.join(5)
         return code
 
@@ -207,8 +208,8 @@ def test_two_nodes_form_one_job_and_finish(job: Job) -> None:
     # A round completes as soon as max nodes joined; the long last call only covers a slow start.
     a = job.launch(0, last_call=10, steps=20, step_time=0.02)
     b = job.launch(1, last_call=10, steps=20, step_time=0.02)
-    assert a.finish() == 0, a.output
-    assert b.finish() == 0, b.output
+    assert a.finish(90, b) == 0, a.output
+    assert b.finish(90, a) == 0, b.output
     # One job of two nodes: the ranks that finished were ranks 0 and 1 of a world of 2.
     assert sorted(finals(a) + finals(b)) == [(0, 2, 20), (1, 2, 20)], a.output + b.output
     for node in (a, b):
@@ -223,8 +224,8 @@ def test_worker_killed_mid_run_restarts_the_group_and_finishes(job: Job) -> None
     b.wait_for(r'rank \d/2 step 5 ')
     victim = next(pid for rank, world, _, _, pid in b.starts() if world == 2)
     os.kill(victim, signal.SIGKILL)
-    assert b.finish() == 0, b.output
-    assert a.finish() == 0, a.output
+    assert b.finish(90, a) == 0, b.output
+    assert a.finish(90, b) == 0, a.output
     # B's agent saw its rank die and used one restart; the group resumed from a checkpoint.
     assert 'killed by SIGKILL' in b.output and 'restarting the ranks (restart 1 of 3)' in b.output, b.output
     resumed = [s for node in (a, b) for s in node.starts() if s[2] > 0]
@@ -262,8 +263,8 @@ def test_late_node_is_admitted_at_the_next_rendezvous(job: Job, tmp_path: Path) 
             '0.1',
         ]
     )
-    assert a.finish() == 0, a.output
-    assert b.finish() == 0, b.output
+    assert a.finish(90, b) == 0, a.output
+    assert b.finish(90, a) == 0, b.output
     assert 'nodes are waiting to join' in a.output, a.output
     a_starts = a.starts()
     assert a_starts[0][:3] == (0, 1, 0), a.output  # alone at first

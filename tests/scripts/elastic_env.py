@@ -8,6 +8,7 @@ TORCHELASTIC_RESTART_COUNT < $FAIL_UNTIL_RESTART (default: always).
 import json
 import os
 import sys
+import time
 
 KEYS = [
     'RANK',
@@ -40,5 +41,12 @@ with open(os.path.join(os.environ['DUMP_DIR'], f'rank{rank}.restart{restart}.jso
     json.dump({'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in KEYS if k in os.environ}}, f)
 print(f'rank {rank} restart {restart} world {os.environ.get("WORLD_SIZE")}', flush=True)
 if rank == os.environ.get('FAIL_RANK') and restart < int(os.environ.get('FAIL_UNTIL_RESTART', '1000000')):
+    # Fail only once every rank of this start has recorded itself: fail-fast would otherwise
+    # stop a slower sibling before its record exists.
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    names = [os.path.join(os.environ['DUMP_DIR'], f'rank{r}.restart{restart}.json') for r in range(world)]
+    deadline = time.monotonic() + 30
+    while not all(os.path.exists(n) for n in names) and time.monotonic() < deadline:
+        time.sleep(0.01)
     print(f'rank {rank} fails on purpose', file=sys.stderr, flush=True)
     sys.exit(int(os.environ.get('FAIL_CODE', '3')))

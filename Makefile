@@ -60,6 +60,11 @@ bench: install ## benchmarks against the peers, side by side (sets up .bench-ven
 bench-quick: install ## a quick smoke run of the benchmark harness (N<=64, 1 rep; peers used if installed)
 	$(PY) benches/bench.py --quick $(BENCH_ARGS)
 
+.PHONY: bench-multinode
+bench-multinode: install ## scenario 7: 2 test hosts x 2 ranks over pdsh, dslaunch vs DeepSpeed's runner (root; system-deps)
+	bash tests/infra/system-deps.sh
+	$(PY) benches/bench_multinode.py $(BENCH_ARGS)
+
 .PHONY: bench-peers
 bench-peers: ## set up .bench-venv only: torch, deepspeed==0.19.8, matplotlib, py-spy
 	bash benches/setup_peers.sh

@@ -134,8 +134,14 @@ def trial(hosts: Hosts, launcher: str, mode: str, work: Path, cap: float) -> dic
     rec: dict[str, Any] = {'launcher': launcher, 'mode': mode, 'token': token}
     with open(out / 'runner.log', 'wb') as log:
         t0 = time.monotonic()
-        proc = subprocess.Popen([*hosts.enter(work), *argv], env=CLEAN_ENV, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*hosts.enter(work), *argv],
+            env=CLEAN_ENV,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         ups = [out / f'up.{r}' for r in range(RANKS)]
         if not all(wait_file(p, t0 + 60) for p in ups):

@@ -12,6 +12,14 @@ first with the launcher as it is, then holding ~2 GB of touched memory (a big Py
 or one that has loaded a model): posix_spawn/vfork should not care, fork has to copy the page
 tables. Prints median, min and max (ms) over the repetitions, and the ratio of each peer's median
 to the core's (above 1: the core is faster). No pytest; stdlib only besides dslaunch.
+
+    python benches/bench_core.py --log [--quick] [--log-ranks 16] [--log-lines 200000]
+
+The log round instead measures console throughput: N ranks each write L lines as fast as `yes`
+can (the console is /dev/null, so only the supervisor's own work counts) with the collapsed
+console off and on (`collapse='on'`, forced, as /dev/null is no terminal), for lines identical
+across ranks (every line collapses) and lines distinct per rank (none do: the collapser's worst
+case, every line held and released on its own). Prints MB/s and the on/off ratio.
 """
 
 from __future__ import annotations
@@ -112,6 +120,35 @@ def bench(sizes: list[int], reps: int, fork_max: int, label: str) -> None:
     os.close(null)
 
 
+def run_log(n: int, lines: int, collapse: str, distinct: bool, null: int) -> float:
+    """Seconds for N ranks to write `lines` lines each through the console (and nothing else)."""
+    text = ('rank $R: ' if distinct else '') + 'INFO step done, loss=0.1234 lr=3e-4 tokens/s=123456 [filler]'
+    specs = [_core.RankSpec(['/bin/sh', '-c', f'yes "{text}" | head -n {lines}'], env={'R': str(i)})
+             for i in range(n)]
+    sup = _core.Supervisor(specs, stdout_fd=null, stderr_fd=null, forward_signals=[], collapse=collapse)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    report = sup.run()
+    elapsed = time.perf_counter() - t0
+    if report.returncode != 0:
+        raise RuntimeError(f'log run failed: {report!r}')
+    return elapsed
+
+
+def bench_log(n: int, lines: int, reps: int) -> None:
+    null = os.open(os.devnull, os.O_WRONLY)
+    line_bytes = len('INFO step done, loss=0.1234 lr=3e-4 tokens/s=123456 [filler]') + 1 + len('[00]: ')
+    print(f'\n== console throughput: {n} ranks x {lines:,} lines, median of {reps} (MB/s of prefixed output) ==')
+    print(f'{"lines":>10} | {"collapse off":>13} | {"collapse on":>12} | on/off')
+    for distinct in (False, True):
+        size = n * lines * (line_bytes + (9 if distinct else 0)) / 1e6
+        off = statistics.median(measure(functools.partial(run_log, n, lines, 'off', distinct, null), reps))
+        on = statistics.median(measure(functools.partial(run_log, n, lines, 'on', distinct, null), reps))
+        label = 'distinct' if distinct else 'identical'
+        print(f'{label:>10} | {size / off:13.0f} | {size / on:12.0f} | {off / on:6.2f}x')
+        sys.stdout.flush()
+    os.close(null)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--quick', action='store_true', help='3 repetitions (default 7)')
@@ -119,6 +156,9 @@ def main() -> None:
     ap.add_argument('--reps', type=int, default=None)
     ap.add_argument('--ballast-gb', type=float, default=2.0, help='touched memory for the second round (0: skip)')
     ap.add_argument('--no-fork', action='store_true', help='skip the popen+fork column')
+    ap.add_argument('--log', action='store_true', help='the console throughput round (collapse off vs on) only')
+    ap.add_argument('--log-ranks', type=int, default=16)
+    ap.add_argument('--log-lines', type=int, default=None, help='lines per rank (default 200000; 50000 with --quick)')
     ap.add_argument(
         '--fork-max-ballast',
         type=int,
@@ -136,6 +176,9 @@ def main() -> None:
         f'dslaunch._core {_core.__version__} | Python {platform.python_version()} | {platform.system()} '
         f'{platform.release()} | {os.cpu_count()} CPUs | glibc {platform.libc_ver()[1]}'
     )
+    if args.log:
+        bench_log(args.log_ranks, args.log_lines or (50_000 if args.quick else 200_000), reps)
+        return
     fork_max = 0 if args.no_fork else max(sizes)
     fork_max_ballast = 0 if args.no_fork else (args.fork_max_ballast or (8 if args.quick else 64))
     bench(sizes, reps, fork_max, 'plain launcher')

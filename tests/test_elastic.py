@@ -429,3 +429,23 @@ def test_stop_from_a_multinode_runner_stops_the_elastic_node(job: Job, tmp_path:
         assert server.done == {0: 128 + signal.SIGTERM}
     finally:
         server.close()
+
+
+def test_hang_watchdog_stops_a_silent_round_and_the_group_restarts(job: Job) -> None:
+    """--hang_timeout under elastic: the silent first round is reported and stopped, the agent
+    restarts the group (a hang counts as a failure), the second round finishes; --collapse on
+    prints the line every rank wrote once."""
+    script = ROOT / 'tests' / 'scripts' / 'elastic_hang.py'
+    a = job.launch(
+        0,
+        world={'node0': [0, 1]},
+        max_nodes=1,
+        script=script,
+        script_args=[],
+        flags=['--hang_timeout=2', '--collapse=on', '--max_restarts=1'],
+    )
+    assert a.finish(60) == 0, a.output
+    assert 'dslaunch: HANG: no rank wrote output' in a.output, a.output
+    assert 'restarting the ranks (restart 1 of 1)' in a.output, a.output
+    assert '[0-1]: every rank says this' in a.output, a.output
+    assert '[0]: rank 0 done after restart' in a.output and '[1]: rank 1 done after restart' in a.output

@@ -15,6 +15,7 @@ PARSERS = {
 }
 
 # dslaunch-only options and their defaults; DeepSpeed's namespace never has them.
+OBSERVABILITY = {'hang_action': 'stop', 'collapse': 'auto', 'collapse_window': 0.25, 'status_line': 'auto'}
 EXTENSIONS = {
     'runner.parse_args': {
         'elastic_training': False,
@@ -26,6 +27,7 @@ EXTENSIONS = {
         'console_ranks': None,
         'hang_timeout': 0.0,
         'report_json': None,
+        **OBSERVABILITY,
         'max_restarts': None,
         'rdzv_timeout': None,
         'rdzv_conf': None,
@@ -39,6 +41,8 @@ EXTENSIONS = {
         'console_ranks': None,
         'dry_run': False,
         'report_json': None,
+        'hang_timeout': 0.0,
+        **OBSERVABILITY,
         'max_restarts': None,
         'rdzv_timeout': None,
         'rdzv_conf': None,

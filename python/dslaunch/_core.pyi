@@ -75,7 +75,8 @@ class RankResult:
 
     `state` is 'running', 'exited' (code 0), 'failed' (non-zero code) or 'killed' (by a
     signal). `returncode` follows `subprocess` (-N for signal N); `exit_status` the shell
-    (128+N). Times are Unix timestamps. `stderr_tail` holds the rank's last stderr lines.
+    (128+N). Times are Unix timestamps. `stderr_tail` holds the rank's last stderr lines;
+    `last_line` its last output line of either stream (kept with `keep_last_line=True`).
     """
 
     rank: int
@@ -92,6 +93,7 @@ class RankResult:
     output_lines: int
     stderr_tail: list[str]
     log_error: str | None
+    last_line: str | None
 
 @final
 class Report:
@@ -144,6 +146,14 @@ class Supervisor:
         max_line_bytes: Longer lines reach the console in pieces of this size.
         stdout_fd: Where the ranks' stdout goes (default 1).
         stderr_fd: Where the ranks' stderr goes (default 2).
+        collapse: Identical lines written by several ranks within `collapse_window` seconds are
+            printed once behind a rank range (`[0-6,8-15]: ...`): 'off', 'auto' (on the streams
+            that are terminals) or 'on'. Log files keep every line; each rank's lines keep their
+            order. Needs a `prefix`.
+        collapse_window: How long a console line waits for other ranks to print the same.
+        status_line: Keep a live status line (ranks running/exited/failed, elapsed time) below
+            the ranks' output when stderr or stdout is a terminal; never on a pipe or file.
+        keep_last_line: Keep each rank's last output line (`RankResult.last_line`).
     """
 
     def __new__(
@@ -163,6 +173,10 @@ class Supervisor:
         max_line_bytes: int = 65536,
         stdout_fd: int = 1,
         stderr_fd: int = 2,
+        collapse: Literal['off', 'auto', 'on'] = 'off',
+        collapse_window: float = 0.25,
+        status_line: bool = False,
+        keep_last_line: bool = False,
     ) -> Supervisor: ...
     def start(self) -> None:
         """Starts every rank; raises OSError if one cannot start, after killing those started."""
@@ -181,6 +195,10 @@ class Supervisor:
         """Begins stopping the job: `signal` now, SIGKILL after the grace period. Returns at once."""
     def kill(self) -> None:
         """SIGKILLs every rank tree now. Returns at once."""
+    def console_message(self, text: str, stderr: bool = True) -> bool:
+        """Prints `text` on the console in order with the ranks' lines (after lines the collapser
+        holds, above the status line). False when the console is already closed (the job is over
+        or ending): print it yourself then."""
     def run(self) -> Report:
         """`start()` then `wait()`."""
     @property

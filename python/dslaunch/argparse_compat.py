@@ -42,8 +42,60 @@ class CompatArgumentParser(argparse.ArgumentParser):
             help='Ranks whose output reaches the console, e.g. 0 or 0,2-3; unset: all.',
         )
         self.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
+        self.add_extension(
+            '--hang_timeout',
+            type=float,
+            default=0.0,
+            help="Report a hang (every rank's last line, state, CPU time and Python stack) when no rank "
+            'wrote output for this many seconds (0: off). See docs/observability.md.',
+        )
+        self.add_extension(
+            '--hang_action',
+            choices=['stop', 'report'],
+            default='stop',
+            help='After a hang report: stop the job (exit status 124) or let it go on.',
+        )
+        self.add_extension(
+            '--collapse',
+            choices=['auto', 'on', 'off'],
+            default='auto',
+            help='Print identical lines of several ranks once, as [0-6,8-15]: line (auto: on a terminal).',
+        )
+        self.add_extension(
+            '--collapse_window',
+            type=float,
+            default=0.25,
+            help='Seconds a console line waits for other ranks to print the same (with --collapse).',
+        )
+        self.add_extension(
+            '--status_line',
+            choices=['auto', 'off'],
+            default='auto',
+            help='A live status line (ranks running/exited/failed, elapsed time) below the output on a terminal.',
+        )
 
     def _get_option_tuples(self, option_string: str) -> list[Any]:  # argparse internal hook
         matches = super()._get_option_tuples(option_string)
         native = [m for m in matches if m[0] not in self._extension_actions]
         return native if native else matches
+
+
+#: The observability options of `add_job_extensions` and their defaults (forwarded only when changed).
+OBSERVABILITY_DEFAULTS: dict[str, object] = {
+    'hang_timeout': 0.0,
+    'hang_action': 'stop',
+    'collapse': 'auto',
+    'collapse_window': 0.25,
+    'status_line': 'auto',
+}
+
+
+def job_extension_flags(args: argparse.Namespace) -> list[str]:
+    """The observability options of a runner's `args` as per-node launcher flags, only those set
+    to something other than the default (so default commands stay DeepSpeed's)."""
+    flags: list[str] = []
+    for name, default in OBSERVABILITY_DEFAULTS.items():
+        value = getattr(args, name, default)
+        if value != default:
+            flags.append(f'--{name}={value}')
+    return flags

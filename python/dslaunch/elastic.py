@@ -285,6 +285,11 @@ class _Node:
     log_dir: str | None
     quiet: bool
     exit_barrier_timeout: float = 300.0
+    collapse: str = 'auto'
+    collapse_window: float = 0.25
+    status_line: str = 'auto'
+    hang_timeout: float = 0.0
+    hang_action: str = 'stop'
 
     def info(self, text: str) -> None:
         if not self.quiet:
@@ -310,6 +315,7 @@ class _SupervisedAgentMixin:
         init(self, spec, exit_barrier_timeout=node.exit_barrier_timeout, shutdown_timeout=int(node.grace))
         self.node = node
         self.sup: Any = None  # this round's Supervisor
+        self.watch: Any = None  # its hang watchdog (--hang_timeout)
         self.started = False
         self.starts = 0
         self.last_report: Any = None
@@ -387,7 +393,17 @@ class _SupervisedAgentMixin:
             grace_period=node.grace,
             forward_signals=[],  # the agent's own handler decides (on_signal)
             fail_fast=True,
+            collapse=node.collapse,  # type: ignore[arg-type]  # checked by the parser's choices
+            collapse_window=node.collapse_window,
+            status_line=node.status_line != 'off',
+            keep_last_line=node.hang_timeout > 0,
         )
+        if node.hang_timeout > 0:
+            from dslaunch.hang import HangWatch
+
+            # A hang stops this round's ranks (with --hang_action stop): the agent sees them
+            # killed and restarts the group, as after any failure.
+            self.watch = HangWatch(sup, node.hang_timeout, node.hang_action)
         self.critical = True
         self.sup, self.started = sup, False
         try:
@@ -421,6 +437,8 @@ class _SupervisedAgentMixin:
         if sup is None or not self.started:
             return RunResult(state=WorkerState.UNKNOWN)
         sup.wait_exits(timeout=MONITOR_POLL_S)  # returns at once on an exit; a signal raises here
+        if self.watch is not None:
+            self.watch.check()
         ranks = sup.status()
         failed = [r for r in ranks if r.state in ('failed', 'killed')]
         if failed:
@@ -453,8 +471,9 @@ class _SupervisedAgentMixin:
         from dslaunch.report import print_report
 
         report = self._end_round(signal.SIGTERM)
-        if report is not None and report.first_failure is not None:
-            print_report(report)
+        hangs = self.watch.hangs if self.watch is not None and self.watch.stopped_job else []
+        if report is not None and (report.first_failure is not None or hangs):
+            print_report(report, hangs=hangs)
             spec = worker_group.spec
             if self.restarting:
                 used = spec.max_restarts - self._remaining_restarts
@@ -533,6 +552,11 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         console_ranks=parse_rank_selection(getattr(args, 'console_ranks', None)),
         log_dir=log_dir if log_dir != 'None' else None,
         quiet=quiet,
+        collapse=getattr(args, 'collapse', 'auto'),
+        collapse_window=getattr(args, 'collapse_window', 0.25),
+        status_line=getattr(args, 'status_line', 'auto'),
+        hang_timeout=getattr(args, 'hang_timeout', 0.0) or 0.0,
+        hang_action=getattr(args, 'hang_action', 'stop'),
     )
     if args.log_level != 'debug':
         # c10d logs each failed store connection with a C++ backtrace; the failure reaches the

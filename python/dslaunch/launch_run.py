@@ -7,6 +7,7 @@ this module turns those plans into a ``dslaunch._core.Supervisor`` and reports t
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import threading
@@ -15,6 +16,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from dslaunch import _core, jobchannel
+    from dslaunch.hang import HangWatch
 
 from dslaunch.errors import DslaunchError, UsageError
 
@@ -89,13 +93,26 @@ def run_plans(
     run_id: str | None = None,
     node_rank: int | None = None,
     report_json: str | None = None,
+    hang_timeout: float = 0.0,
+    hang_action: str = 'stop',
+    collapse: str = 'auto',
+    collapse_window: float = 0.25,
+    status_line: str = 'auto',
+    quiet: bool = False,
 ) -> int:
     """Starts the planned ranks, waits for them, prints the report; returns the exit status.
+
+    Observability (docs/observability.md): `hang_timeout` > 0 starts the hang watchdog
+    (`hang.py`); `collapse` ('auto': on a terminal) prints identical lines of several ranks once;
+    `status_line` ('auto') keeps a live status line below the output on a terminal. The job id is
+    printed once at start (unless `quiet`), for `dslaunch stacks <job id>`.
 
     Under a multi-node runner (`DSLAUNCH_REPORT_TO` and `DSLAUNCH_JOB_TOKEN` in `environ`), the
     first failure is reported to the runner the moment it happens, and a stop from the runner
     (or the loss of the connection to it) tears this node's ranks down.
     """
+    import uuid
+
     from dslaunch import _core, jobchannel
     from dslaunch.report import print_report
 
@@ -122,8 +139,17 @@ def run_plans(
         prefix=None if raw_output else DEFAULT_PREFIX,
         console_ranks=shown,
         grace_period=grace_period,
-        run_id=run_id,
+        run_id=run_id or uuid.uuid4().hex[:12],
+        collapse=collapse,  # type: ignore[arg-type]  # checked by the parser's choices
+        collapse_window=collapse_window,
+        status_line=status_line != 'off',
+        keep_last_line=hang_timeout > 0,
     )
+    watch = None
+    if hang_timeout > 0:
+        from dslaunch.hang import HangWatch
+
+        watch = HangWatch(sup, hang_timeout, hang_action)
     stops: list[int] = []
     started = threading.Event()
 
@@ -143,31 +169,57 @@ def run_plans(
             sup.start()
         except OSError as e:
             what = e.filename or ''
-            raise DslaunchError(f'cannot start a rank: {e.strerror or e}: {what}'.rstrip(': ')) from None
+            msg = f'cannot start a rank: {e.strerror or e}: {what}'.rstrip(': ')
+            if e.errno == errno.EMFILE:  # each rank holds 3 fds here (stdout, stderr, pidfd)
+                msg += f' ({len(plans)} ranks need about {3 * len(plans) + 64} fds: raise the hard limit, ulimit -Hn)'
+            raise DslaunchError(msg) from None
         started.set()
         if stops:
             sup.send_signal(stops[0])  # a stop that arrived while the ranks were starting
-        if client is not None:
-            reported = False
-            while not sup.done:
-                for r in sup.wait_exits():
-                    if not reported and not stops and r.state in ('failed', 'killed'):
-                        client.report_failure(int(r.tag), r.returncode, r.exit_status, r.stderr_tail)
-                        reported = True
-        report = sup.wait()
-    assert report is not None
+        if not quiet and plans:
+            sup.console_message(f'dslaunch: job {sup.run_id}: {len(plans)} rank(s), launcher pid {os.getpid()} '
+                                f'(their Python stacks: dslaunch stacks {sup.run_id})')
+        report = _supervise(sup, client, watch, stops)
+    returncode = report.returncode
+    if watch is not None and watch.stopped_job:
+        from dslaunch.hang import HANG_EXIT_STATUS
+
+        returncode = HANG_EXIT_STATUS
+    hangs = watch.hangs if watch is not None else []
     if client is not None:
-        client.report_done(report.returncode)
+        client.report_done(returncode)
     if plans:
-        print_report(report)
+        print_report(report, hangs=hangs, returncode=returncode)
     if report_json:
         from dslaunch.report import write_json
 
         try:
-            write_json(report, report_json)
+            write_json(report, report_json, hangs=hangs, returncode=returncode)
         except OSError as e:
             print(f'dslaunch: cannot write --report_json {report_json}: {e.strerror}', file=sys.stderr)
-    return report.returncode
+    return returncode
+
+
+def _supervise(sup: _core.Supervisor, client: jobchannel.JobClient | None, watch: HangWatch | None,
+               stops: list[int]) -> _core.Report:
+    """Waits for the job: reports the first failure to the runner as it happens (multi-node), and
+    lets the hang watchdog look at the job at its period."""
+    period = watch.period if watch is not None else None
+    if client is not None:
+        reported = False
+        while not sup.done:
+            for r in sup.wait_exits(timeout=period):
+                if not reported and not stops and r.state in ('failed', 'killed'):
+                    client.report_failure(int(r.tag), r.returncode, r.exit_status, r.stderr_tail)
+                    reported = True
+            if watch is not None:
+                watch.check()
+    elif watch is not None:
+        while sup.wait(timeout=period) is None:
+            watch.check()
+    report = sup.wait()
+    assert report is not None
+    return report
 
 
 def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
@@ -175,6 +227,12 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
     from dslaunch import launch
 
     env = dict(os.environ if environ is None else environ)
+    hang_timeout = getattr(args, 'hang_timeout', 0.0)
+    if hang_timeout < 0:
+        raise UsageError(f'--hang_timeout must be >= 0 seconds (0 = off), got {hang_timeout}')
+    collapse_window = getattr(args, 'collapse_window', 0.25)
+    if not 0 <= collapse_window <= 60:
+        raise UsageError(f'--collapse_window must be between 0 and 60 seconds, got {collapse_window}')
     if getattr(args, 'enable_elastic_training', False):
         from dslaunch import elastic  # torch is imported there, and only there
 
@@ -196,4 +254,10 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         save_pid=getattr(args, 'save_pid', 0) or 0,
         node_rank=args.node_rank,
         report_json=getattr(args, 'report_json', None),
+        hang_timeout=hang_timeout,
+        hang_action=getattr(args, 'hang_action', 'stop'),
+        collapse=getattr(args, 'collapse', 'auto'),
+        collapse_window=collapse_window,
+        status_line=getattr(args, 'status_line', 'auto'),
+        quiet=bool(getattr(args, 'quiet', False)) or getattr(args, 'log_level', 'info') in ('error', 'critical'),
     )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from dslaunch._core import RankResult, Report
+    from dslaunch.hang import Hang
 
 
 def signal_name(num: int) -> str:
@@ -49,17 +50,27 @@ def _label(tags: Sequence[str]) -> str:
     return ('ranks ' if len(tags) > 1 else 'rank ') + ','.join(tags)
 
 
-def render(report: Report, *, host: str | None = None) -> list[str]:
-    """The report as lines (without newlines)."""
+def render(report: Report, *, host: str | None = None, hangs: Sequence[Hang] = (),
+           returncode: int | None = None) -> list[str]:
+    """The report as lines (without newlines). `hangs`: what the hang watchdog found; `returncode`:
+    dslaunch's exit status when it differs from the report's (after stopping a hung job)."""
     where = f' on {host}' if host else ''
     wall = report.wall_time or 0.0
     n = len(report.ranks)
     lines: list[str] = []
-    if report.success:
+    stopped_hang = next((h for h in hangs if h.action == 'stop'), None)
+    if report.success and not hangs:
         lines.append(f'dslaunch: {n} rank{"s" if n != 1 else ""}{where} finished OK in {wall:.1f} s')
-        return lines
+        return lines + _log_notes(report)
     cause = report.first_failure
-    if cause is not None:
+    if report.success:
+        lines.append(f'dslaunch: {n} rank{"s" if n != 1 else ""}{where} finished OK in {wall:.1f} s '
+                     f'after {len(hangs)} hang report(s)')
+        return lines + _log_notes(report)
+    if stopped_hang is not None and cause is None:
+        lines.append(f'dslaunch: stopped{where} after a hang (no output for {stopped_hang.quiet_for:.1f} s) '
+                     f'after {wall:.1f} s; exit status {returncode}')
+    elif cause is not None:
         lines.append(
             f'dslaunch: rank {cause.tag}{where} (pid {cause.pid}) failed: {describe(cause)} '
             f'after {(cause.ended_at or report.started_at) - cause.started_at:.1f} s; the job was torn down'
@@ -77,12 +88,18 @@ def render(report: Report, *, host: str | None = None) -> list[str]:
         lines.extend(cause.stderr_tail)
     if report.leftovers_killed:
         lines.append(f'dslaunch: killed {report.leftovers_killed} process(es) the ranks left behind')
-    return lines
+    return lines + _log_notes(report)
 
 
-def print_report(report: Report, stream: TextIO | None = None, *, host: str | None = None) -> None:
+def _log_notes(report: Report) -> list[str]:
+    """A line per rank whose log file stopped being written (a full disk: the job went on)."""
+    return [f'dslaunch: the log file of rank {r.tag} is incomplete: {r.log_error}' for r in report.ranks if r.log_error]
+
+
+def print_report(report: Report, stream: TextIO | None = None, *, host: str | None = None,
+                 hangs: Sequence[Hang] = (), returncode: int | None = None) -> None:
     out = stream or sys.stderr
-    for line in render(report, host=host):
+    for line in render(report, host=host, hangs=hangs, returncode=returncode):
         print(line, file=out)
     out.flush()
 
@@ -107,16 +124,26 @@ def _rank_dict(r: RankResult, host: str) -> dict[str, object]:
         'output_bytes': r.output_bytes,
         'output_lines': r.output_lines,
         'stderr_tail': r.stderr_tail,
+        'last_line': r.last_line,
+        'log_error': r.log_error,
         'restarts': 0,
     }
 
 
-def to_json_dict(report: Report, *, host: str) -> dict[str, object]:
-    """The `--report_json` document (schema in docs/report.md and docs/report.schema.json)."""
+def to_json_dict(report: Report, *, host: str, hangs: Sequence[Hang] = (),
+                 returncode: int | None = None) -> dict[str, object]:
+    """The `--report_json` document (schema in docs/report.md and docs/report.schema.json).
+    `returncode` overrides the report's (dslaunch's exit status after stopping a hung job)."""
     ranks = [_rank_dict(r, host) for r in report.ranks]
     cause = report.first_failure
-    root = None
-    if cause is not None:
+    stopped_hang = next((h for h in hangs if h.action == 'stop'), None)
+    code = report.returncode if returncode is None else returncode
+    root: dict[str, object] | None = None
+    if stopped_hang is not None and cause is None:
+        root = {'kind': 'hang', 'quiet_for': stopped_hang.quiet_for, 'timeout': stopped_hang.timeout,
+                'suspects': stopped_hang.suspects,
+                'summary': '; '.join(f'{len(g.ranks)}x {g.summary}' for g in stopped_hang.groups)}
+    elif cause is not None:
         root = {'kind': 'rank_failed', **_rank_dict(cause, host)}
     elif report.interrupted_by is not None:
         root = {'kind': 'signal', 'signal': report.interrupted_by, 'signal_name': signal_name(report.interrupted_by)}
@@ -129,21 +156,22 @@ def to_json_dict(report: Report, *, host: str) -> dict[str, object]:
         'started_at': report.started_at,
         'ended_at': report.ended_at,
         'wall_time': report.wall_time,
-        'returncode': report.returncode,
-        'success': report.success,
+        'returncode': code,
+        'success': code == 0,
         'root_cause': root,
         'leftovers_killed': report.leftovers_killed,
         'ranks': ranks,
+        'hangs': [h.to_dict() for h in hangs],
     }
 
 
-def write_json(report: Report, path: str) -> None:
+def write_json(report: Report, path: str, *, hangs: Sequence[Hang] = (), returncode: int | None = None) -> None:
     """Writes the report atomically (a reader never sees half a file)."""
     import json
     import os
     import socket
 
-    doc = to_json_dict(report, host=socket.gethostname())
+    doc = to_json_dict(report, host=socket.gethostname(), hangs=hangs, returncode=returncode)
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'w', encoding='utf-8') as f:
         json.dump(doc, f, indent=1)

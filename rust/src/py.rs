@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::error::{CoreError, SupervisorError};
-use crate::supervisor::{Command, Config, JobState, RankConfig, RankInfo, Supervisor};
+use crate::supervisor::{CollapseMode, Command, Config, JobState, RankConfig, RankInfo, Supervisor};
 use crate::{reap, signals, tree};
 
 fn unix_time(t: SystemTime) -> f64 {
@@ -141,6 +141,7 @@ pub struct PyRankResult {
     output_lines: u64,
     stderr_tail: Vec<String>,
     log_error: Option<String>,
+    last_line: Option<String>,
 }
 
 impl PyRankResult {
@@ -181,6 +182,7 @@ impl PyRankResult {
                 .map(|l| String::from_utf8_lossy(l).into_owned())
                 .collect(),
             log_error: r.log_error.clone(),
+            last_line: (!r.last_line.is_empty()).then(|| String::from_utf8_lossy(&r.last_line).into_owned()),
         }
     }
 }
@@ -350,7 +352,8 @@ impl PySupervisor {
     #[pyo3(signature = (
         ranks, *, env=None, prefix=Some("[{tag}]: ".to_owned()), console_ranks=None, grace_period=30.0,
         forward_signals=None, fail_fast=true, stderr_tail=20, orphan_guard=true, kill_leftovers=true,
-        run_id=None, max_line_bytes=65536, stdout_fd=1, stderr_fd=2
+        run_id=None, max_line_bytes=65536, stdout_fd=1, stderr_fd=2, collapse="off", collapse_window=0.25,
+        status_line=false, keep_last_line=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -368,7 +371,26 @@ impl PySupervisor {
         max_line_bytes: usize,
         stdout_fd: i32,
         stderr_fd: i32,
+        collapse: &str,
+        collapse_window: f64,
+        status_line: bool,
+        keep_last_line: bool,
     ) -> PyResult<Self> {
+        let collapse = match collapse {
+            "off" => CollapseMode::Off,
+            "auto" => CollapseMode::Terminal,
+            "on" => CollapseMode::On,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "collapse must be 'off', 'auto' or 'on', not {other:?}"
+                )))
+            }
+        };
+        if !(collapse_window.is_finite() && (0.0..=3600.0).contains(&collapse_window)) {
+            return Err(PyValueError::new_err(
+                "collapse_window must be between 0 and 3600 seconds",
+            ));
+        }
         if !(grace_period.is_finite() && grace_period >= 0.0) {
             return Err(PyValueError::new_err(
                 "grace_period must be a non-negative number of seconds",
@@ -414,6 +436,10 @@ impl PySupervisor {
             max_line: max_line_bytes.max(1),
             stdout_fd,
             stderr_fd,
+            collapse,
+            collapse_window: Duration::from_secs_f64(collapse_window),
+            status_line,
+            keep_last_line,
         };
         let (wake_r, wake_w) =
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
@@ -609,6 +635,14 @@ impl PySupervisor {
         let grace = grace_period.map(|g| Duration::from_secs_f64(g.max(0.0)));
         self.handle()?.send(Command::Terminate { sig: signal, grace });
         Ok(())
+    }
+
+    /// Prints `text` on the console in order with the ranks' lines (after the lines the
+    /// collapser holds, above the status line). Returns False when the console is already
+    /// closed (the job is over or ending): print it yourself then.
+    #[pyo3(signature = (text, stderr=true))]
+    fn console_message(&self, text: &str, stderr: bool) -> PyResult<bool> {
+        Ok(self.handle()?.message(stderr, text.as_bytes()))
     }
 
     /// SIGKILLs every rank tree now. Returns at once.

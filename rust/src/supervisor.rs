@@ -17,7 +17,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::error::{CoreError, CoreResult};
-use crate::logmux::{Ending, LineSplitter, Sink, HIGH_WATER};
+use crate::logmux::{format_tags, Collapser, Ending, HeldLine, LineSplitter, Sink, HIGH_WATER};
 use crate::reap::{self, ExitStatus};
 use crate::spawn::{self, SpawnRequest};
 use crate::watchdog::Watchdog;
@@ -72,6 +72,27 @@ pub struct Config {
     pub stdout_fd: RawFd,
     /// See `stdout_fd`.
     pub stderr_fd: RawFd,
+    /// Where identical lines of several ranks are printed once behind a rank range.
+    pub collapse: CollapseMode,
+    /// How long a console line is held for other ranks to write the same.
+    pub collapse_window: Duration,
+    /// Draw a live status line (ranks running/exited/failed, elapsed time) below the ranks'
+    /// output, on the console stream that is a terminal (stderr first); never on a pipe or file.
+    pub status_line: bool,
+    /// Keep each rank's last output line (`RankInfo::last_line`), for hang reports.
+    pub keep_last_line: bool,
+}
+
+/// Which console streams collapse identical lines of several ranks (see `logmux::Collapser`).
+/// Collapsing needs a prefix to show the ranks: with `prefix: None` it is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollapseMode {
+    /// Never.
+    Off,
+    /// The streams that are terminals.
+    Terminal,
+    /// Both, whatever they are (pipes and files included).
+    On,
 }
 
 impl Default for Config {
@@ -90,6 +111,10 @@ impl Default for Config {
             max_line: 64 * 1024,
             stdout_fd: 1,
             stderr_fd: 2,
+            collapse: CollapseMode::Off,
+            collapse_window: Duration::from_millis(250),
+            status_line: false,
+            keep_last_line: false,
         }
     }
 }
@@ -109,6 +134,14 @@ pub enum Command {
     },
     /// SIGKILL every rank tree now.
     Kill,
+}
+
+/// Bytes the launcher itself prints on the console, in order with the ranks' lines (see
+/// `Supervisor::message`).
+#[derive(Debug, Clone)]
+struct Message {
+    stderr: bool,
+    text: Vec<u8>,
 }
 
 /// A rank as the caller sees it.
@@ -134,6 +167,9 @@ pub struct RankInfo {
     pub stderr_tail: VecDeque<Vec<u8>>,
     /// Why its log file stopped being written, if it did.
     pub log_error: Option<String>,
+    /// Its last output line (stdout or stderr, ending stripped, at most 1 KiB); kept only with
+    /// `Config::keep_last_line`.
+    pub last_line: Vec<u8>,
 }
 
 /// The job as the caller sees it: a snapshot, updated by the loop after every batch of events.
@@ -180,6 +216,8 @@ impl JobState {
 struct Shared {
     state: Mutex<JobState>,
     commands: Mutex<Vec<Command>>,
+    /// Launcher messages for the console; `None` once the console is closed (the job is ending).
+    messages: Mutex<Option<Vec<Message>>>,
     /// Ranks that exited since the caller last took them (`take_exits`), in the order seen.
     exits: Mutex<Vec<usize>>,
     /// Readable while `exits` may be non-empty.
@@ -275,6 +313,7 @@ impl Supervisor {
                         output_lines: 0,
                         stderr_tail: VecDeque::new(),
                         log_error: None,
+                        last_line: Vec::new(),
                     });
                     spawned.push(s);
                 }
@@ -315,6 +354,7 @@ impl Supervisor {
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             commands: Mutex::new(Vec::new()),
+            messages: Mutex::new(Some(Vec::new())),
             exits: Mutex::new(Vec::new()),
             exit_r,
             exit_w,
@@ -364,6 +404,21 @@ impl Supervisor {
     pub fn send(&self, cmd: Command) {
         lock(&self.inner.shared.commands).push(cmd);
         let _ = self.inner.waker.wake();
+    }
+
+    /// Prints `text` on the console (stderr or stdout) in order with the ranks' lines: held
+    /// collapsed lines are released first and the status line is kept below it. Returns false
+    /// when the console is already closed (the job is over or ending): print it yourself then.
+    pub fn message(&self, stderr: bool, text: &[u8]) -> bool {
+        let mut m = lock(&self.inner.shared.messages);
+        let Some(queue) = m.as_mut() else { return false };
+        queue.push(Message {
+            stderr,
+            text: text.to_vec(),
+        });
+        drop(m);
+        let _ = self.inner.waker.wake();
+        true
     }
 
     /// A snapshot of the job now.
@@ -493,7 +548,6 @@ struct Stream {
 struct LiveRank {
     pidfd: Option<OwnedFd>,
     pid: i32,
-    prefix: Vec<u8>,
     console: bool,
     log: Option<File>,
     info: RankInfo,
@@ -518,8 +572,8 @@ struct Loop {
     streams: Vec<Stream>,
     ready: VecDeque<usize>,
     is_ready: Vec<bool>,
-    out: Sink,
-    err: Sink,
+    console: Console,
+    keep_last_line: bool,
     out_watched: bool,
     err_watched: bool,
     alive: usize,
@@ -572,15 +626,6 @@ impl Loop {
                 Interest::READABLE,
             )?;
             let rc = &cfg.ranks[i];
-            let prefix = cfg
-                .prefix
-                .as_ref()
-                .map(|p| {
-                    p.replace("{rank}", &i.to_string())
-                        .replace("{tag}", &rc.tag)
-                        .into_bytes()
-                })
-                .unwrap_or_default();
             streams.push(Stream {
                 fd: Some(s.stdout),
                 splitter: LineSplitter::new(cfg.max_line),
@@ -594,7 +639,6 @@ impl Loop {
             ranks.push(LiveRank {
                 pidfd: Some(s.pidfd),
                 pid: s.pid,
-                prefix,
                 console: rc.console,
                 log,
                 info,
@@ -614,8 +658,8 @@ impl Loop {
             is_ready: vec![false; 2 * n],
             streams,
             ready: VecDeque::new(),
-            out,
-            err,
+            console: Console::new(cfg, out, err),
+            keep_last_line: cfg.keep_last_line,
             out_watched: false,
             err_watched: false,
             teardown: None,
@@ -658,6 +702,7 @@ impl Loop {
                 self.dispatch(ev.token());
             }
             self.read_ready();
+            self.console.release(Instant::now(), false);
             self.flush_console();
             self.check_deadlines();
             let finished = self.advance();
@@ -685,6 +730,7 @@ impl Loop {
             consider(if t.escalated { t.rescan_at } else { Some(t.deadline) });
         }
         consider(self.drain_deadline);
+        consider(self.console.next_deadline());
         if self.alive == 0 && self.extras.is_empty() && !self.swept_clean {
             consider(Some(now));
         }
@@ -692,13 +738,16 @@ impl Loop {
     }
 
     fn console_paused(&self) -> bool {
-        self.out.backlog() > HIGH_WATER || self.err.backlog() > HIGH_WATER
+        self.console.out.backlog() > HIGH_WATER || self.console.err.backlog() > HIGH_WATER
     }
 
     fn dispatch(&mut self, token: Token) {
         let n = self.n();
         match token {
-            WAKER => self.run_commands(),
+            WAKER => {
+                self.run_commands();
+                self.print_messages();
+            }
             OUT_WRITABLE | ERR_WRITABLE => {}
             Token(t) if t < 2 * n => {
                 if !self.is_ready[t] {
@@ -747,6 +796,16 @@ impl Loop {
         }
     }
 
+    fn print_messages(&mut self) {
+        let msgs = lock(&self.shared.messages)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        for m in msgs {
+            self.console.message(m.stderr, &m.text);
+        }
+    }
+
     fn read_ready(&mut self) {
         if self.console_paused() {
             return;
@@ -787,35 +846,44 @@ impl Loop {
         let Loop {
             ranks,
             streams,
-            out,
-            err,
+            console,
             buf,
             tail_lines,
+            keep_last_line,
             ..
         } = self;
         let rank = &mut ranks[r];
         let s = &mut streams[stream];
         let data = &buf[..len];
+        let now = Instant::now();
         rank.info.last_output_at = Some(SystemTime::now());
         rank.info.output_bytes += len as u64;
         rank.dirty = true;
         if let Some(log) = rank.log.as_mut() {
             if let Err(e) = log.write_all(data) {
+                // Name the file in the one warning (a full disk is usually one of many).
+                let path = std::fs::read_link(format!("/proc/self/fd/{}", log.as_raw_fd()))
+                    .map_or_else(|_| "(unknown path)".into(), |p| p.display().to_string());
                 rank.info.log_error = Some(e.to_string());
                 rank.log = None;
                 let msg = format!(
-                    "dslaunch: rank {} log file write failed ({e}); its output goes on to the console only\n",
+                    "dslaunch: rank {} log file {path} write failed ({e}); the file is incomplete, \
+                     the rank's output goes on to the console only\n",
                     rank.info.tag
                 );
-                err.push(b"", msg.as_bytes(), Ending::Newline);
+                console.message(true, msg.as_bytes());
             }
         }
-        let sink = if s.is_stderr { err } else { out };
         let keep_tail = if s.is_stderr { *tail_lines } else { 0 };
-        s.splitter.feed(
-            data,
-            route_segment(&mut rank.info, sink, &rank.prefix, rank.console, keep_tail),
-        );
+        let route = Route {
+            rank: r,
+            stderr: s.is_stderr,
+            console: rank.console,
+            keep_tail,
+            keep_last: *keep_last_line,
+            now,
+        };
+        s.splitter.feed(data, route_segment(&mut rank.info, console, route));
     }
 
     fn close_stream(&mut self, stream: usize) {
@@ -823,10 +891,10 @@ impl Loop {
         let Loop {
             ranks,
             streams,
-            out,
-            err,
+            console,
             poll,
             tail_lines,
+            keep_last_line,
             ..
         } = self;
         let s = &mut streams[stream];
@@ -834,26 +902,33 @@ impl Loop {
             let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
         }
         let rank = &mut ranks[r];
-        let sink = if s.is_stderr { err } else { out };
         let keep_tail = if s.is_stderr { *tail_lines } else { 0 };
-        s.splitter.finish(route_segment(
-            &mut rank.info,
-            sink,
-            &rank.prefix,
-            rank.console,
+        let route = Route {
+            rank: r,
+            stderr: s.is_stderr,
+            console: rank.console,
             keep_tail,
-        ));
+            keep_last: *keep_last_line,
+            now: Instant::now(),
+        };
+        s.splitter.finish(route_segment(&mut rank.info, console, route));
         rank.dirty = true;
     }
 
     fn flush_console(&mut self) {
-        let out_done = self.out.flush();
-        let err_done = self.err.flush();
+        if self.console.status.is_some() {
+            let now = Instant::now();
+            if self.job_dirty || self.console.status_tick_due(now) {
+                let text = self.status_text(now);
+                self.console.set_status(text, now);
+            }
+        }
+        let (out_done, err_done) = self.console.flush();
         let reg = self.poll.registry();
         // Watch writability only while a non-blocking console has a backlog.
-        let want_out = !out_done && self.out.is_nonblocking();
+        let want_out = !out_done && self.console.out.is_nonblocking();
         if want_out != self.out_watched {
-            let fd = self.out.raw_fd();
+            let fd = self.console.out.raw_fd();
             let _ = if want_out {
                 reg.register(&mut SourceFd(&fd), OUT_WRITABLE, Interest::WRITABLE)
             } else {
@@ -861,9 +936,9 @@ impl Loop {
             };
             self.out_watched = want_out;
         }
-        let want_err = !err_done && self.err.is_nonblocking();
+        let want_err = !err_done && self.console.err.is_nonblocking();
         if want_err != self.err_watched {
-            let fd = self.err.raw_fd();
+            let fd = self.console.err.raw_fd();
             let _ = if want_err {
                 reg.register(&mut SourceFd(&fd), ERR_WRITABLE, Interest::WRITABLE)
             } else {
@@ -871,6 +946,29 @@ impl Loop {
             };
             self.err_watched = want_err;
         }
+    }
+
+    /// The live status line: how many ranks run, exited, failed, and the time since the start.
+    fn status_text(&self, now: Instant) -> String {
+        let (mut running, mut exited, mut failed) = (0, 0, 0);
+        for r in &self.ranks {
+            match r.info.status {
+                None => running += 1,
+                Some(s) if s.success() => exited += 1,
+                Some(_) => failed += 1,
+            }
+        }
+        let secs = now.saturating_duration_since(self.console.started).as_secs();
+        let elapsed = if secs >= 3600 {
+            format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+        } else {
+            format!("{}:{:02}", secs / 60, secs % 60)
+        };
+        let stopping = if self.teardown.is_some() { " | stopping" } else { "" };
+        format!(
+            "dslaunch: {} ranks | {running} running, {exited} exited, {failed} failed | {elapsed}{stopping}",
+            self.ranks.len()
+        )
     }
 
     fn reap_rank(&mut self, r: usize) {
@@ -1130,8 +1228,16 @@ impl Loop {
                 self.close_stream(i);
             }
         }
-        self.out.flush_all();
-        self.err.flush_all();
+        // The console closes: held lines, then the launcher's last messages, no status line.
+        self.console.release(Instant::now(), true);
+        self.console.erase_status();
+        self.console.status = None;
+        let msgs = lock(&self.shared.messages).take().unwrap_or_default();
+        for m in msgs {
+            self.console.message(m.stderr, &m.text);
+        }
+        self.console.out.flush_all();
+        self.console.err.flush_all();
         for r in &mut self.ranks {
             if let Some(log) = r.log.as_mut() {
                 let _ = log.flush();
@@ -1145,25 +1251,310 @@ impl Loop {
     }
 }
 
-/// Where each segment of a rank's stream goes: counted, to the console behind the rank's prefix
-/// (if shown), and into the stderr tail (the last `keep_tail` lines; 0 for stdout).
-fn route_segment<'a>(
-    info: &'a mut RankInfo,
-    sink: &'a mut Sink,
-    prefix: &'a [u8],
+/// Where one stream's segments go (see `route_segment`).
+#[derive(Clone, Copy)]
+struct Route {
+    rank: usize,
+    stderr: bool,
     console: bool,
     keep_tail: usize,
-) -> impl FnMut(&[u8], Ending) + 'a {
+    keep_last: bool,
+    now: Instant,
+}
+
+/// Where each segment of a rank's stream goes: counted, to the console (if shown), into the
+/// stderr tail (the last `keep_tail` lines; 0 for stdout) and, if kept, the last line.
+fn route_segment<'a>(info: &'a mut RankInfo, console: &'a mut Console, route: Route) -> impl FnMut(&[u8], Ending) + 'a {
     move |seg, ending| {
         info.output_lines += 1;
-        if console {
-            sink.push(prefix, seg, ending);
+        if route.console {
+            console.line(route.rank, route.stderr, seg, ending, route.now);
         }
-        if keep_tail > 0 {
-            push_tail(&mut info.stderr_tail, seg, keep_tail);
+        if route.keep_tail > 0 {
+            push_tail(&mut info.stderr_tail, seg, route.keep_tail);
+        }
+        if route.keep_last {
+            let line = strip_ending(seg);
+            if !line.is_empty() {
+                info.last_line.clear();
+                info.last_line.extend_from_slice(&line[..line.len().min(1024)]);
+            }
         }
     }
 }
+
+fn strip_ending(seg: &[u8]) -> &[u8] {
+    let mut line = seg;
+    while let Some((&last, rest)) = line.split_last() {
+        if last == b'\n' || last == b'\r' {
+            line = rest;
+        } else {
+            break;
+        }
+    }
+    line
+}
+
+/// Erases the status line (cursor to column 0, clear to the end of the line).
+const ERASE_LINE: &[u8] = b"\r\x1b[K";
+
+/// The live status line's state.
+struct StatusLine {
+    /// Drawn on the stderr sink (else stdout).
+    on_err: bool,
+    /// What is on the screen now, if anything.
+    drawn: Option<Vec<u8>>,
+    /// What should be.
+    want: Vec<u8>,
+    next_tick: Instant,
+}
+
+/// Everything that reaches the console goes through here: the ranks' lines (straight, or held
+/// by the collapser), the launcher's messages, and the status line kept below them.
+struct Console {
+    out: Sink,
+    err: Sink,
+    prefixes: Vec<Vec<u8>>,
+    template: Option<String>,
+    tags: Vec<String>,
+    collapser: Option<Collapser>,
+    collapse_out: bool,
+    collapse_err: bool,
+    status: Option<StatusLine>,
+    started: Instant,
+    /// The prefix template around its one `{tag}` (none with `{rank}` or several `{tag}`s).
+    tag_split: Option<(Vec<u8>, Vec<u8>)>,
+    /// Every rank's tag as a number, when all are numbers.
+    tag_nums: Option<Vec<u64>>,
+    scratch_nums: Vec<u64>,
+    scratch_prefix: Vec<u8>,
+}
+
+impl Console {
+    fn new(cfg: &Config, out: Sink, err: Sink) -> Console {
+        let prefixes = cfg
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(i, rc)| {
+                cfg.prefix
+                    .as_ref()
+                    .map(|p| {
+                        p.replace("{rank}", &i.to_string())
+                            .replace("{tag}", &rc.tag)
+                            .into_bytes()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let (collapse_out, collapse_err) = match (cfg.collapse, &cfg.prefix) {
+            (_, None) | (CollapseMode::Off, _) => (false, false),
+            (CollapseMode::Terminal, _) => (out.is_terminal(), err.is_terminal()),
+            (CollapseMode::On, _) => (true, true),
+        };
+        let collapser = (collapse_out || collapse_err)
+            .then(|| Collapser::new(cfg.ranks.len(), cfg.collapse_window, COLLAPSE_MAX_HELD));
+        let status = if !cfg.status_line {
+            None
+        } else if err.is_terminal() || out.is_terminal() {
+            Some(StatusLine {
+                on_err: err.is_terminal(),
+                drawn: None,
+                want: Vec::new(),
+                next_tick: Instant::now(),
+            })
+        } else {
+            None
+        };
+        Console {
+            out,
+            err,
+            prefixes,
+            template: cfg.prefix.clone(),
+            tags: cfg.ranks.iter().map(|r| r.tag.clone()).collect(),
+            collapser,
+            collapse_out,
+            collapse_err,
+            status,
+            started: Instant::now(),
+            tag_split: cfg.prefix.as_ref().and_then(|t| {
+                (!t.contains("{rank}") && t.matches("{tag}").count() == 1).then(|| {
+                    let (a, b) = t.split_once("{tag}").unwrap_or_default();
+                    (a.as_bytes().to_vec(), b.as_bytes().to_vec())
+                })
+            }),
+            tag_nums: cfg.ranks.iter().map(|r| r.tag.parse::<u64>().ok()).collect(),
+            scratch_nums: Vec::new(),
+            scratch_prefix: Vec::new(),
+        }
+    }
+
+    /// One segment of rank `rank`: held by the collapser, or written behind the rank's prefix.
+    fn line(&mut self, rank: usize, stderr: bool, seg: &[u8], ending: Ending, now: Instant) {
+        if let Some(c) = self.collapser.as_mut() {
+            let on = if stderr { self.collapse_err } else { self.collapse_out };
+            if on && c.push(rank, stderr, seg, ending, now) {
+                return;
+            }
+        }
+        self.erase_status();
+        let sink = if stderr { &mut self.err } else { &mut self.out };
+        sink.push(&self.prefixes[rank], seg, ending);
+    }
+
+    /// Writes the held lines that are due (all of them with `all`), oldest first.
+    fn release(&mut self, now: Instant, all: bool) {
+        let Some(mut c) = self.collapser.take() else { return };
+        if !c.is_empty() {
+            c.release(now, all, |held, line| self.write_held(held, line));
+        }
+        self.collapser = Some(c);
+    }
+
+    fn write_held(&mut self, held: &HeldLine, line: &[u8]) {
+        self.erase_status();
+        if held.n_ranks() > 1 {
+            if let (Some((before, after)), Some(nums)) = (&self.tag_split, &self.tag_nums) {
+                // The common case (`[{tag}]: `, numeric tags) without allocating.
+                self.scratch_nums.clear();
+                self.scratch_nums.extend(held.ranks().map(|r| nums[r as usize]));
+                self.scratch_nums.sort_unstable();
+                self.scratch_nums.dedup();
+                let p = &mut self.scratch_prefix;
+                p.clear();
+                p.extend_from_slice(before);
+                write_ranges(p, &self.scratch_nums);
+                p.extend_from_slice(after);
+                let sink = if held.stderr { &mut self.err } else { &mut self.out };
+                sink.push(&self.scratch_prefix, line, held.ending);
+                return;
+            }
+        }
+        let prefix = if held.n_ranks() == 1 {
+            std::borrow::Cow::Borrowed(&self.prefixes[held.first as usize][..])
+        } else {
+            let tags = format_tags(held.ranks().map(|r| self.tags[r as usize].as_str()));
+            let idx: Vec<String> = held.ranks().map(|r| r.to_string()).collect();
+            let template = self.template.as_deref().unwrap_or_default();
+            let rank_range = format_tags(idx.iter().map(String::as_str));
+            std::borrow::Cow::Owned(
+                template
+                    .replace("{rank}", &rank_range)
+                    .replace("{tag}", &tags)
+                    .into_bytes(),
+            )
+        };
+        let sink = if held.stderr { &mut self.err } else { &mut self.out };
+        sink.push(&prefix, line, held.ending);
+    }
+
+    /// A launcher message: after every held line, above the status line.
+    fn message(&mut self, stderr: bool, text: &[u8]) {
+        self.release(Instant::now(), true);
+        self.erase_status();
+        let sink = if stderr { &mut self.err } else { &mut self.out };
+        if !sink.at_line_start() {
+            sink.push_raw(b"\n");
+        }
+        sink.push_raw(text);
+        if text.last() != Some(&b'\n') {
+            sink.push_raw(b"\n");
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let held = self.collapser.as_ref().and_then(Collapser::next_deadline);
+        let tick = self.status.as_ref().map(|s| s.next_tick);
+        match (held, tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn status_tick_due(&self, now: Instant) -> bool {
+        self.status.as_ref().is_some_and(|s| now >= s.next_tick)
+    }
+
+    fn set_status(&mut self, text: String, now: Instant) {
+        let sink = match &self.status {
+            Some(st) if st.on_err => &self.err,
+            Some(_) => &self.out,
+            None => return,
+        };
+        let width = sink.columns().unwrap_or(80).saturating_sub(1).max(1);
+        let Some(st) = self.status.as_mut() else { return };
+        st.want.clear();
+        st.want.extend_from_slice(&text.as_bytes()[..text.len().min(width)]);
+        st.next_tick = now + Duration::from_secs(1);
+    }
+
+    /// Takes the status line off the screen before anything else is written there.
+    fn erase_status(&mut self) {
+        let Some(st) = self.status.as_mut() else { return };
+        if st.drawn.take().is_some() {
+            let sink = if st.on_err { &mut self.err } else { &mut self.out };
+            sink.push_raw(ERASE_LINE);
+            sink.mark_line_start();
+        }
+    }
+
+    /// Writes what the fds take now, the status line's sink first (an erase waiting there must
+    /// reach the terminal before the other stream's lines); then (re)draws the status line once
+    /// everything else is out. Returns whether stdout and stderr are fully written.
+    fn flush(&mut self) -> (bool, bool) {
+        let Some(st) = self.status.as_mut() else {
+            return (self.out.flush(), self.err.flush());
+        };
+        let (own, other) = if st.on_err {
+            (&mut self.err, &mut self.out)
+        } else {
+            (&mut self.out, &mut self.err)
+        };
+        let mut own_done = own.flush();
+        let other_done = if own_done { other.flush() } else { other.backlog() == 0 };
+        let quiet = own_done && other_done && own.at_line_start() && (!other.is_terminal() || other.at_line_start());
+        if quiet && !st.want.is_empty() && st.drawn.as_ref() != Some(&st.want) {
+            if st.drawn.is_some() {
+                own.push_raw(b"\r");
+            }
+            own.push_raw(&st.want);
+            own.push_raw(b"\x1b[K");
+            // push_raw marked the line as unfinished; the status line does not count as output.
+            own.mark_line_start();
+            st.drawn = Some(st.want.clone());
+            own_done = own.flush();
+        }
+        if st.on_err {
+            (other_done, own_done)
+        } else {
+            (own_done, other_done)
+        }
+    }
+}
+
+/// Appends sorted, distinct numbers as ranges: `0-6,8-15`.
+fn write_ranges(out: &mut Vec<u8>, nums: &[u64]) {
+    use std::io::Write as _;
+    let mut i = 0;
+    while i < nums.len() {
+        let mut j = i;
+        while j + 1 < nums.len() && nums[j + 1] == nums[j] + 1 {
+            j += 1;
+        }
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = if i == j {
+            write!(out, "{}", nums[i])
+        } else {
+            write!(out, "{}-{}", nums[i], nums[j])
+        };
+        i = j + 1;
+    }
+}
+
+/// The most bytes the collapser holds before it releases lines early.
+const COLLAPSE_MAX_HELD: usize = 4 << 20;
 
 fn push_tail(tail: &mut VecDeque<Vec<u8>>, seg: &[u8], limit: usize) {
     let mut line = seg;

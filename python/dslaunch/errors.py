@@ -46,3 +46,11 @@ class EnvFileError(DslaunchError, ValueError):
 
 class EnvMappingError(DslaunchError, OSError):
     """The MPI/Slurm environment does not say which rank this process is (an OSError, as in DeepSpeed)."""
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` for an error message: control and other non-printable characters (a pasted ``\\r``,
+    a ``\\x1e`` in a host name) escaped as in a Python literal, so the message stays on one line;
+    cut to ``limit`` characters plus ``...`` when given."""
+    shown = text if limit is None or len(text) <= limit else text[:limit] + '...'
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in shown)

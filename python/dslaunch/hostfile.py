@@ -4,7 +4,8 @@ Grammar and error texts follow DeepSpeed 0.19.8 (spec sections 4 and 5, 0.19.7+ 
 semantics). Host order is file order everywhere because it later fixes rank order.
 Where DeepSpeed dies with an internal exception (``too many values to unpack``,
 ``invalid literal for int()``, ``MemoryError`` on a 20-digit slot count) we raise a
-``ResourceFilterError`` that says what is wrong instead (docs/compatibility.md).
+``ResourceFilterError`` that says what is wrong instead (docs/compatibility.md). Echoed user
+text has its control characters escaped (``errors.printable``) so every message is one line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from .errors import HostfileError, ResourceFilterError
+from .errors import HostfileError, ResourceFilterError, printable
 
 __all__ = [
     'MAX_SLOTS_PER_HOST',
@@ -87,11 +88,11 @@ def parse_hostfile_lines(lines: Iterable[str]) -> dict[str, int]:
         match = _HOST_LINE.search(line)
         if match is None:
             _log_bad_hostfile(raw)
-            raise HostfileError(_BAD_ENTRY.format(line))
+            raise HostfileError(_BAD_ENTRY.format(printable(line)))
         host = match.group(1)
         if host in pool:
             _log_bad_hostfile(raw)
-            raise HostfileError(_DUPLICATE.format(host))
+            raise HostfileError(_DUPLICATE.format(printable(host)))
         pool[host] = int(match.group(2))  # arbitrary precision: 20-digit counts parse fine
     if not pool:
         _log_bad_hostfile(raw)
@@ -118,7 +119,8 @@ def parse_node_config_list(spec: str) -> dict[str, list[int]]:
         parts = piece.split(':')
         if len(parts) != 2:
             raise ResourceFilterError(
-                f"Bad node spec '{piece}' in '{spec}': expected NAME or NAME:SLOT[,SLOT...] with one ':'"
+                f"Bad node spec '{printable(piece)}' in '{printable(spec)}': "
+                "expected NAME or NAME:SLOT[,SLOT...] with one ':'"
             )
         host, slot_text = parts
         slots = merged.setdefault(host, [])
@@ -127,7 +129,8 @@ def parse_node_config_list(spec: str) -> dict[str, list[int]]:
                 slots.append(int(token))  # Python int(): surrounding spaces are fine, as in DeepSpeed
             except ValueError:
                 raise ResourceFilterError(
-                    f"Bad slot '{token}' for host '{host}' in '{spec}': slots must be integers"
+                    f"Bad slot '{printable(token)}' for host '{printable(host)}' in '{printable(spec)}': "
+                    'slots must be integers'
                 ) from None
     return {host: sorted(set(slots)) for host, slots in merged.items()}
 
@@ -149,10 +152,10 @@ def parse_resource_filter(
     requested = parse_node_config_list(include_str if including else exclude_str)
     for host, slots in requested.items():
         if host not in host_info:
-            raise ResourceFilterError(f"Hostname '{host}' not found in hostfile")
+            raise ResourceFilterError(f"Hostname '{printable(host)}' not found in hostfile")
         for slot in slots:
             if slot not in host_info[host]:
-                raise ResourceFilterError(f"No slot '{slot}' specified on host '{host}'")
+                raise ResourceFilterError(f"No slot '{slot}' specified on host '{printable(host)}'")
 
     chosen: dict[str, SlotList] = {}
     if including:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .argparse_compat import CompatArgumentParser
-from .errors import UsageError, WorldInfoError
+from .errors import UsageError, WorldInfoError, printable
 from .numa import Topology, get_numactl_cmd
 from .world_info import NONE_SENTINEL, decode_world_info
 
@@ -140,7 +140,7 @@ def rank_plans(
         # Deviation: DeepSpeed dies with IndexError (and silently accepts negative ranks).
         raise WorldInfoError(
             f'--node_rank {node_rank} is out of range: world_info has {len(hosts)} '
-            f'node(s) ({", ".join(hosts) or "none"})'
+            f'node(s) ({printable(", ".join(hosts)) or "none"})'
         )
     if getattr(args, 'no_python', False) and getattr(args, 'module', False):
         raise UsageError(MODULE_AND_NO_PYTHON)

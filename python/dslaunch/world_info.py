@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import WorldInfoError
+from .errors import WorldInfoError, printable
 
 __all__ = ['NONE_SENTINEL', 'decode_world_info', 'encode_world_info']
 
@@ -67,4 +67,4 @@ def _is_slot(slot: Any) -> bool:
 
 
 def _clip(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit] + '...'
+    return printable(text, limit)

@@ -79,6 +79,10 @@ system-deps: ## root, Debian 12: install the multi-node test engines (ssh, pdsh,
 	bash tests/infra/system-deps.sh
 	bash tests/infra/impi-venv.sh $(IMPI_VENV)
 
+.PHONY: test-multinode
+test-multinode: ## only the multi-node engine tests (root; they start and stop their own hosts and Slurm)
+	$(PY) -m pytest tests/multinode $(PYTEST_ARGS)
+
 .PHONY: hosts-up
 hosts-up: ## start $(HOSTS) test hosts (network namespaces with sshd) and Slurm on them; then: tests/infra/onhost h1 CMD
 	bash tests/infra/hosts-up.sh $(HOSTS)

@@ -49,6 +49,7 @@ def main() -> int:
     # Drop the DDP model first: it keeps the process group alive past destroy_process_group(), and
     # gloo's worker thread could then free a finished collective during interpreter shutdown.
     del model, opt
+    dist.barrier()  # no rank tears gloo down while a peer still finishes its last collective
     dist.destroy_process_group()
     return 0 if same else 1
 

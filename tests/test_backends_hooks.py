@@ -1,13 +1,16 @@
 """The backend hooks the runner calls around the command: signal mapping, Slurm's kill-on-bad-exit,
-keeping a per-job hostfile for --dry_run."""
+keeping a per-job hostfile for --dry_run, the hosts reached by ssh, the "installed" checks."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import socket
 
+import pytest
 from dslaunch.backends import LAUNCHERS, make_runner
+from dslaunch.backends.slurm import first_node
 
 
 def args(**kw: object) -> argparse.Namespace:
@@ -46,3 +49,42 @@ def test_keep_temp_files_leaves_the_filtered_hostfile_for_a_dry_run() -> None:
             assert f.read() == 'h1 slots=2\nh2 slots=1\n'
     finally:
         os.unlink(path)
+
+
+def test_which_hosts_each_backend_reaches_by_ssh() -> None:
+    active = {'localhost': [0, 1], socket.gethostname(): [0], 'far-1': [0], 'far-2': [0]}
+    for name in LAUNCHERS:
+        runner = make_runner(name, args(), 'e30=', {h: 2 for h in active})
+        want = {'pdsh': list(active), 'slurm': []}.get(name, ['far-1', 'far-2'])  # MPI: not this machine
+        assert runner.ssh_hosts({}, active) == want, name
+    # the engine does not use ssh: inside a batch job, or the user picked its bootstrap
+    for name, launcher_args, env in (
+        ('openmpi', '', {'SLURM_JOB_ID': '5'}),
+        ('mpich', '', {'PBS_JOBID': '7.server'}),
+        ('impi', '', {'I_MPI_HYDRA_BOOTSTRAP': 'slurm'}),
+        ('mpich', '-launcher fork', {}),
+        ('mvapich', '-bootstrap slurm', {}),
+        ('openmpi', '--mca plm slurm', {}),
+        ('openmpi', '-mca plm_rsh_agent rsh', {}),
+    ):
+        runner = make_runner(name, args(launcher_args=launcher_args), 'e30=', {h: 2 for h in active})
+        assert runner.ssh_hosts(env, active) == [], (name, launcher_args, env)
+    assert make_runner('pdsh', args(), 'e30=', {}).ssh_hosts({'SLURM_JOB_ID': '5'}, active) == list(active)
+
+
+def test_backend_checks_need_no_instance() -> None:
+    # the runner asks them before building the backend: class methods
+    for name, cls in LAUNCHERS.items():
+        assert cls.backend_package()
+        if name != 'impi':  # Intel's is also looked for beside this Python and under $I_MPI_ROOT
+            assert not cls.backend_exists('/nonexistent') and cls.backend_binary('/nonexistent') == (
+                'srun' if name == 'slurm' else 'pdsh' if name == 'pdsh' else 'mpirun'
+            )
+
+
+@pytest.mark.parametrize(('nodelist', 'first'), [
+    ('h1', 'h1'), ('h[1-2]', 'h1'), ('gpu[03-05,7],cpu1', 'gpu03'), ('a,b', 'a'), ('n[1-2]-ib', 'n1-ib'),
+    ('', None), ('x[1-2]y[3-4]', None),
+])  # fmt: skip
+def test_slurm_first_node(nodelist: str, first: str | None) -> None:
+    assert first_node(nodelist) == first

@@ -131,6 +131,17 @@ def test_dry_run_prints_the_launcher_command_and_starts_nothing(tmp_path: Path) 
     assert not list(tmp_path.iterdir())
 
 
+def test_bad_export_name_in_an_env_file_is_one_error_line(tmp_path: Path) -> None:
+    hostfile = tmp_path / 'hostfile'
+    hostfile.write_text('h1 slots=1\nh2 slots=1\n')
+    env_file = tmp_path / 'env'
+    env_file.write_bytes(b'GOOD=1\nBAD\0NAME=2\n')
+    proc = dslaunch('-H', str(hostfile), '--no_ssh_check', '--master_addr', '10.0.0.1', '--dry_run', DUMP,
+                    env={'DS_ENV_FILE': str(env_file)})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == ["dslaunch: error: cannot export 'BAD\\x00NAME': not an environment variable name"]
+
+
 def test_save_pid_file_exists_while_running_and_is_removed(tmp_path: Path) -> None:
     env = dict(os.environ, MARK_DIR=str(tmp_path), BEHAVE_0='sleep')
     p = subprocess.Popen([DSLAUNCH, '--num_gpus', '1', '--save_pid', BEHAVE], env=env, stdout=subprocess.PIPE,

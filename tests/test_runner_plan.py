@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import subprocess
+import sys
 
 import pytest
 from dslaunch import runner
@@ -159,22 +161,80 @@ def test_unknown_launcher_is_an_error_locally(cwd):
         _plan(cwd, '--launcher', 'BOGUS')
 
 
-def test_ssh_only_for_pdsh_across_hosts(cwd):
+def test_ssh_only_where_the_job_uses_ssh(cwd):
     probes = Probes()
     plan = _plan(cwd, hostfile=TWO_HOSTS, probes=probes)
     assert plan.mode == 'multinode' and plan.master_addr == '10.0.0.9'
-    assert [c[0] for c in probes.calls] == ['ssh', 'hostname -I']
-    for argv in (
-        ['--launcher', 'openmpi'],
-        ['--launcher', 'slurm'],
-        ['--no_ssh', '--node_rank', '1'],
-        ['--num_nodes', '1'],
-        ['--include', 'worker-1'],
+    assert sorted(c[:2] for c in probes.calls if c[0] != 'port_free') == [
+        ('hostname -I', 'worker-0'), ('ssh', 'worker-0'), ('ssh', 'worker-1')]  # fmt: skip
+    for launcher in ('openmpi', 'mpich'):  # ssh bootstraps: every host (none is this machine)
+        probes = Probes(hostname_i='')
+        plan = _plan(cwd, '--launcher', launcher, hostfile=TWO_HOSTS, probes=probes)
+        assert sorted(c[:2] for c in probes.calls) == [('ssh', 'worker-0'), ('ssh', 'worker-1')], launcher
+        assert plan.master_addr == 'worker-0'
+    for argv, env in (
+        (['--launcher', 'slurm'], {}),
+        (['--launcher', 'openmpi'], {'SLURM_JOB_ID': '17'}),  # mpirun starts its daemons with srun
+        (['--launcher', 'mpich', '--launcher_args', '-launcher fork'], {}),  # the user picked the bootstrap
+        (['--launcher', 'openmpi', '--launcher_args', '--mca plm_rsh_agent rsh'], {}),
+        (['--no_ssh_check', '--master_addr', 'w0'], {}),
+        (['--no_ssh', '--node_rank', '1'], {}),
+        (['--num_nodes', '1'], {}),
+        (['--include', 'worker-1'], {}),
     ):
         probes = Probes(ssh_ok=False, hostname_i='')
-        plan = _plan(cwd, *argv, hostfile=TWO_HOSTS, probes=probes)
+        plan = _plan(cwd, *argv, hostfile=TWO_HOSTS, probes=probes, env=env)
         assert not [c for c in probes.calls if c[0] != 'port_free'], argv
     assert plan.mode == 'local' and plan.master_addr == '127.0.0.1'  # one host left: runs here
+
+
+def test_mpi_ssh_check_skips_this_machine(cwd):
+    probes = Probes()
+    _plan(cwd, '--launcher', 'mpich', hostfile=f'{socket.gethostname()} slots=2\nworker-1 slots=2\n', probes=probes)
+    assert [c[:2] for c in probes.calls] == [('ssh', 'worker-1')]
+
+
+class OneHostDown(Probes):
+    def __init__(self, down, **kw):
+        super().__init__(**kw)
+        self.down = down
+
+    def ssh_reachable(self, host, port):
+        super().ssh_reachable(host, port)
+        return host not in self.down
+
+
+@pytest.mark.parametrize('launcher', ['pdsh', 'openmpi', 'mpich', 'impi'])
+def test_a_later_host_not_answering_ssh_is_named(cwd, launcher):
+    hostfile = TWO_HOSTS + 'worker-2 slots=2\nworker-3 slots=2\n'
+    with pytest.raises(LauncherError, match=r'host=worker-2 was not reachable via ssh'):
+        _plan(cwd, '--launcher', launcher, hostfile=hostfile, probes=OneHostDown({'worker-2', 'worker-3'}))
+
+
+def test_slurm_master_is_the_first_node_of_the_allocation(cwd):
+    env = {'SLURM_JOB_NODELIST': 'gpu[07-09],cpu1'}
+    assert _plan(cwd, '--launcher', 'slurm', hostfile=TWO_HOSTS, env=env).master_addr == 'gpu07'
+    # outside an allocation, or with --include/--exclude (srun then gets --nodelist): the first kept host
+    assert _plan(cwd, '--launcher', 'slurm', hostfile=TWO_HOSTS).master_addr == 'worker-0'
+    plan = _plan(cwd, '--launcher', 'slurm', '--exclude', 'worker-0', '--force_multi', hostfile=TWO_HOSTS, env=env)
+    assert plan.master_addr == 'worker-1'
+    assert _plan(cwd, '--launcher', 'slurm', '--master_addr', 'm', hostfile=TWO_HOSTS, env=env).master_addr == 'm'
+
+
+class NotInstalled(Probes):
+    def backend_exists(self, name):
+        return False
+
+
+@pytest.mark.parametrize(('launcher', 'package'), [
+    ('pdsh', "the Debian package 'pdsh'"), ('openmpi', "'openmpi-bin'"), ('mpich', "the Debian package 'mpich'"),
+    ('impi', "'impi-rt'"), ('slurm', "'slurm-client'"), ('mvapich', 'MVAPICH2'),
+])  # fmt: skip
+def test_backend_not_installed_names_its_package(cwd, launcher, package):
+    probes = NotInstalled()
+    with pytest.raises(LauncherError, match=f"launcher '{launcher}' not installed; install .*{package}"):
+        _plan(cwd, '--launcher', launcher, hostfile=TWO_HOSTS, probes=probes)
+    assert not [c for c in probes.calls if c[0] != 'port_free']  # asked before any ssh
 
 
 def test_no_ssh_uses_the_first_host_as_master(cwd):
@@ -232,7 +292,8 @@ def test_elastic_flags_are_forwarded_like_0_19_7(cwd):
 
 def test_dslaunch_options_are_forwarded_only_when_set(cwd):
     plan = _plan(cwd, '--grace_period', '5', '--raw_output', '--console_ranks', '0', '--dry_run', '--hang_timeout', '9')
-    assert plan.argv[-6:-3] == ['--grace_period=5.0', '--raw_output', '--console_ranks=0']
+    at = plan.argv.index('--grace_period=5.0')
+    assert plan.argv[at : at + 3] == ['--grace_period=5.0', '--raw_output', '--console_ranks=0']
     assert plan.args.dry_run and plan.args.hang_timeout == 9.0
 
 
@@ -269,4 +330,30 @@ def test_system_probes_backend_lookup(monkeypatch, tmp_path):
     probes = SystemProbes(environ={})
     assert not probes.backend_exists('pdsh') and not probes.backend_exists('mvapich')
     assert not probes.backend_exists('bogus')
+    # each backend looks for the program it runs: Open MPI's plain `mpirun` is not MPICH or Intel MPI
+    (tmp_path / 'mpirun').write_text('#!/bin/sh\necho "mpirun (Open MPI) 4.1.4"\n')
+    (tmp_path / 'mpirun').chmod(0o755)
+    assert not probes.backend_exists('mpich') and not probes.backend_exists('impi')
+    for name, program in (('pdsh', 'pdsh'), ('slurm', 'srun'), ('mpich', 'mpirun.mpich')):
+        (tmp_path / program).symlink_to('/bin/true')
+        assert SystemProbes(environ={'PATH': str(tmp_path)}).backend_exists(name), name
     assert not probes.ssh_reachable('host.invalid', None)  # no ssh on PATH: unreachable, no exception
+
+
+@pytest.mark.parametrize('removed', [False, True])
+def test_shell_line_runs_with_the_planned_environment(tmp_path, removed):
+    """--dry_run's line, run by a shell whose environment is the caller's, gives the command exactly
+    the planned environment and arguments."""
+    base = {'PATH': '/usr/bin:/bin', 'KEEP': 'k', 'CHANGED': 'old', 'GONE': 'g'}
+    env = {'PATH': '/usr/bin:/bin', 'KEEP': 'k', 'CHANGED': "it's $HOME `x`", 'NEW': 'a b\nc', 'GONE': 'g'}
+    if removed:
+        del env['GONE']
+    cmd = [sys.executable, '-c', 'import json, os, sys; print(json.dumps([dict(os.environ), sys.argv[1:]]))',
+           'a b', '$(x)', '%n']  # fmt: skip
+    line = runner.shell_line(cmd, env, base)
+    assert line.startswith('env -u GONE ' if removed else 'CHANGED=')
+    done = subprocess.run(['bash', '-c', line], env=base, capture_output=True, text=True, check=True)
+    got_env, got_args = json.loads(done.stdout)
+    got_env = {k: v for k, v in got_env.items() if k not in ('PWD', 'SHLVL', '_', 'LC_CTYPE')}
+    assert got_env == env and got_args == cmd[3:]
+    assert runner.shell_line(['a', 'b c'], base, base) == "a 'b c'"

@@ -7,8 +7,8 @@ are about to start.
 
 from __future__ import annotations
 
+import gc
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from dslaunch import runner as runner_mod
 
 PROG = 'dslaunch'
+#: Seconds after Ctrl-C/SIGTERM before the backend program itself is signalled too (run_multinode).
+FORWARD_AFTER = 1.0
 
 
 def run_deepspeed_cli(argv: Sequence[str], prog: str = PROG) -> int:
@@ -33,7 +35,7 @@ def run_deepspeed_cli(argv: Sequence[str], prog: str = PROG) -> int:
     if plan.mode == 'local':
         assert plan.argv is not None
         if args.dry_run:
-            print(shlex.join(plan.argv))
+            print(runner.shell_line(plan.argv, plan.env, os.environ))
             return 0
         from dslaunch import launch, launch_run
 
@@ -41,7 +43,11 @@ def run_deepspeed_cli(argv: Sequence[str], prog: str = PROG) -> int:
         node_args = launch.parse_args(plan.argv[4:], prog='dslaunch.launch')
         return launch_run.run_node(node_args, plan.env)
     if args.dry_run:
-        print(shlex.join(runner.backend_command(plan)))
+        # Exactly what would run: the environment get_cmd set (PDSH_RCMD_TYPE, Slurm's exports) goes
+        # in front, and the per-job files the command names stay, so the line works when pasted.
+        cmd, backend = runner.backend_runner_command(plan)
+        backend.keep_temp_files()
+        print(runner.shell_line(cmd, plan.env, os.environ))
         return 0
     return run_multinode(plan)
 
@@ -49,84 +55,107 @@ def run_deepspeed_cli(argv: Sequence[str], prog: str = PROG) -> int:
 def run_multinode(plan: runner_mod.Plan) -> int:
     """Runs a multi-node backend command (pdsh, mpirun, srun) under the supervisor.
 
-    With pdsh, every per-node launcher connects back to us (`jobchannel`): the first rank failure
-    anywhere is reported at once and every host is told to stop, Ctrl-C/SIGTERM here stops every
-    host (a second one kills), and our exit status is the failing rank's own. MPI launchers and
-    srun get our signals forwarded; how they react to one failing rank differs (measured: Open MPI
-    kills the others after ~2 s, srun -K in ~0.3 s, MPICH and Intel MPI not at all), which is
-    why the channel is to be extended to them through launcher_helper.
+    Whatever the backend, every rank's side connects back to us (`jobchannel`): the per-node
+    launchers under pdsh, each rank's `launcher_helper` under MPI and Slurm. The first rank failure
+    anywhere is reported at once and every host is told to stop; Ctrl-C/SIGTERM here stops every
+    host (a second one kills); our exit status is the failing rank's own. The engines alone do not
+    do this (measured: Open MPI kills the other ranks after ~2 s, MPICH and Intel MPI never, srun
+    -K exits 143 and Intel MPI 255 instead of the rank's code).
     """
+    import secrets
     import signal
+    import subprocess
     import time
 
     from dslaunch import _core, jobchannel
     from dslaunch import runner as runner_mod
 
     args = plan.args
-    server = None
-    if plan.backend == 'pdsh':
-        server = jobchannel.JobServer(on_failure=lambda _msg: server.stop(signal.SIGTERM) if server else None)
-        plan.exports.update(server.env_for(next(iter(plan.active))))
-        args.job_id = server.token
-    cmd, backend = runner_mod.backend_runner_command(plan)
-    sup = _core.Supervisor([_core.RankSpec(cmd, tag=plan.backend or 'backend')], env=plan.env, prefix=None,
-                           grace_period=args.grace_period, forward_signals=[] if server else None)
+    server = jobchannel.JobServer(on_failure=lambda _msg: server.stop(signal.SIGTERM))
+    # Before get_cmd, so that every backend carries them to the ranks' side.
+    plan.exports.update(server.env_for(next(iter(plan.active))))
+    # The marker that remote teardown looks for; not the token, which only the ranks' side may know.
+    args.job_id = f'dsl-{secrets.token_hex(8)}'
+    try:
+        cmd, backend = runner_mod.backend_runner_command(plan)
+    except BaseException:
+        server.close()
+        raise
+    program = os.path.basename(cmd[0])
+    sup = _core.Supervisor(
+        [_core.RankSpec(cmd, tag=plan.backend or 'backend')],
+        env=plan.env,
+        prefix=None,
+        grace_period=args.grace_period,
+        forward_signals=[],  # ours below: the channel first, then what the backend program needs
+        run_id=args.job_id,
+    )
     stops: list[int] = []
 
     def on_signal(sig: int, _frame: object) -> None:
         stops.append(sig)
-        assert server is not None
         if len(stops) == 1:
-            server.stop(sig)
+            server.stop(sig)  # every host's ranks, each through its own connection
         else:
             server.stop(signal.SIGKILL)
             sup.kill()
 
-    saved = {}
-    if server is not None:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            saved[sig] = signal.signal(sig, on_signal)
+    saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         try:
             sup.start()
         except OSError as e:
             raise DslaunchError(f'cannot start {cmd[0]}: {e.strerror or e}') from None
         stopped_at: float | None = None
-        while (report := sup.wait(timeout=0.5)) is None:
-            if server is None:
-                continue
+        escalated = killed = forwarded = False
+        while (report := sup.wait(timeout=0.25)) is None:
             if stopped_at is None and (stops or server.first_failure):
                 stopped_at = time.monotonic()
-            if stopped_at is not None and time.monotonic() - stopped_at > args.grace_period + 10:
-                # The launchers did not wind down: fall back to killing by the job's marker.
+            waited = 0.0 if stopped_at is None else time.monotonic() - stopped_at
+            if stops and waited > FORWARD_AFTER and not forwarded and plan.backend != 'pdsh':
+                # The engine's own stop, for ranks the channel has not reached (a backend still starting
+                # them). Not at once: it is slower than the channel (Open MPI's abort takes 1-3 s, and
+                # srun's kills the step). pdsh takes SIGINT as a status request; its launchers end alone.
+                sup.send_signal(backend.forwarded_signal(stops[0]))
+                forwarded = True
+            if waited > args.grace_period and not escalated:
+                server.stop(signal.SIGKILL)  # ranks that ignored the polite signal
+                escalated = True
+            if waited > args.grace_period + 10 and not killed:
+                # The ranks' side did not wind down: kill by the job's marker, then the backend's tree.
                 kill = getattr(backend, 'kill_cmd', None)
                 if kill is not None:
-                    import subprocess
-
                     subprocess.run(kill(args.job_id, 'KILL'), env=plan.env, timeout=30, check=False,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
                 sup.kill()
-                stopped_at = float('inf')
+                killed = True
+        if report.returncode != 0 and server.first_failure is None and not stops:
+            server.wait_idle(1.0)  # a rank's report sent just before it exited may still be in flight
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old)
-        if server is not None:
-            server.close()
-        cleanup = getattr(backend, 'cleanup', None)
-        if cleanup is not None:
-            cleanup()
+        server.close()
+        backend.cleanup()
     if stops:
         return 128 + stops[0]
-    failure = server.first_failure if server is not None else None
+    failure = server.first_failure
     if failure is not None and failure.get('exit_status'):
-        print(f'dslaunch: rank {failure.get("rank")} on node {failure.get("node")} failed '
-              f'(exit status {failure["exit_status"]}); every node was stopped', file=sys.stderr)
+        where = f' on {failure["host"]}' if failure.get('host') else ''
+        print(f'{PROG}: error: rank {failure.get("rank")}{where} exited with status {failure["exit_status"]}; '
+              'every host was stopped', file=sys.stderr)  # fmt: skip
         return int(failure['exit_status'])
+    if report.returncode != 0:
+        print(f'{PROG}: error: {program} exited with status {report.returncode}', file=sys.stderr)
     return report.returncode
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
+    # `dslaunch stacks <job>`; a script named `stacks` in this directory still runs as a script
+    if args[:1] == ['stacks'] and not os.path.isfile('stacks'):
+        from dslaunch.stacks import main as stacks_main
+
+        sys.exit(stacks_main(args[1:]))
     try:
         from dslaunch import torch_launch
 
@@ -139,4 +168,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = e.exit_code
     except KeyboardInterrupt:
         code = 130
+    # The job is over: skip the interpreter's final garbage collection of every object the CLI
+    # made (about 10 ms, measured in docs/benchmarks.md); exit handlers and flushes still run.
+    gc.freeze()
     sys.exit(code)

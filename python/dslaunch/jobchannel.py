@@ -2,7 +2,8 @@
 
 DeepSpeed's runner learns of a failure only when pdsh returns, i.e. when every host is done:
 a rank failing on host 2 leaves host 1's ranks blocked in a collective until its timeout.
-Here each per-node launcher holds a TCP connection to the runner:
+Here each per-node launcher (PDSH), or each rank's helper (MPI, Slurm: `launcher_helper`),
+holds a TCP connection to the runner:
 
 - launcher -> runner: `hello`, then `fail` the moment one of its ranks fails (with the rank, its
   exit status and its last stderr lines), and `done` with its exit status;
@@ -57,6 +58,7 @@ class JobServer:
         self.done: dict[int, int] = {}
         self._on_failure = on_failure
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a connection closes
         self._clients: dict[socket.socket, int | None] = {}
         self._stop_sent: dict[str, Any] | None = None
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -80,6 +82,12 @@ class JobServer:
         with self._lock:
             return sum(1 for n in self._clients.values() if n is not None)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Waits until every connection is closed, so that reports sent just before a launcher or
+        rank exited are in `first_failure`; False if some is still open after `timeout`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._clients, timeout)
+
     def stop(self, sig: int) -> None:
         """Tell every launcher (now and any that connects later) to stop its ranks with `sig`."""
         msg = {'t': 'stop', 'sig': sig}
@@ -90,6 +98,8 @@ class JobServer:
             _send(c, msg)
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         self._wake_w.send(b'x')
         self._thread.join(timeout=5)
@@ -134,6 +144,7 @@ class JobServer:
         buffers.pop(sock, None)
         with self._lock:
             self._clients.pop(sock, None)
+            self._idle.notify_all()
         sock.close()
 
     def _handle(self, sock: socket.socket, line: bytes) -> bool:
@@ -169,8 +180,9 @@ class JobClient:
     """A per-node launcher's end. `on_stop(sig)` is called (from a thread) when the runner asks
     for a stop or the connection to it is lost."""
 
-    def __init__(self, address: str, token: str, node_rank: int, on_stop: Callable[[int], None],
-                 timeout: float = 15.0) -> None:
+    def __init__(
+        self, address: str, token: str, node_rank: int, on_stop: Callable[[int], None], timeout: float = 15.0
+    ) -> None:
         host, _, port = address.rpartition(':')
         self._sock = socket.create_connection((host, int(port)), timeout=timeout)
         self._sock.settimeout(None)
@@ -182,10 +194,21 @@ class JobClient:
         self._thread = threading.Thread(target=self._listen, name='dslaunch-jobclient', daemon=True)
         self._thread.start()
 
-    def report_failure(self, rank: int, returncode: int | None, exit_status: int | None,
-                       stderr_tail: list[str]) -> None:
-        _send(self._sock, {'t': 'fail', 'node': self._node, 'rank': rank, 'returncode': returncode,
-                           'exit_status': exit_status, 'stderr_tail': stderr_tail[-20:]})
+    def report_failure(
+        self, rank: int, returncode: int | None, exit_status: int | None, stderr_tail: list[str]
+    ) -> None:
+        _send(
+            self._sock,
+            {
+                't': 'fail',
+                'node': self._node,
+                'host': socket.gethostname(),
+                'rank': rank,
+                'returncode': returncode,
+                'exit_status': exit_status,
+                'stderr_tail': stderr_tail[-20:],
+            },
+        )
 
     def report_done(self, code: int) -> None:
         self._finished = True

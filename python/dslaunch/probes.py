@@ -7,7 +7,6 @@ ssh calls have timeouts (DeepSpeed's have none, so an unreachable host hangs the
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Mapping
@@ -15,10 +14,10 @@ from collections.abc import Mapping
 from .devices import gpu_count
 from .errors import LauncherError
 
-__all__ = ['BACKEND_TOOLS', 'SystemProbes']
+__all__ = ['SSH_CONNECT_TIMEOUT', 'SystemProbes']
 
-# The tool whose presence means "this backend is installed" (DeepSpeed's backend_exists checks).
-BACKEND_TOOLS = {'pdsh': 'pdsh', 'openmpi': 'ompi_info', 'mpich': 'mpirun', 'impi': 'mpirun', 'slurm': 'sinfo'}
+#: Seconds the reachability check waits for a host's sshd to answer (DeepSpeed: no limit).
+SSH_CONNECT_TIMEOUT = 5
 
 
 class SystemProbes:
@@ -32,14 +31,15 @@ class SystemProbes:
         return gpu_count(self.environ)
 
     def ssh_reachable(self, host: str, port: int | None) -> bool:
-        cmd = ['ssh', '-o', 'PasswordAuthentication=no', *_port_args(port), host, 'hostname']
+        cmd = ['ssh', '-o', 'PasswordAuthentication=no', '-o', f'ConnectTimeout={SSH_CONNECT_TIMEOUT}',
+               *_port_args(port), host, 'hostname']  # fmt: skip
         try:
             done = subprocess.run(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                timeout=self.ssh_timeout,
+                timeout=min(self.ssh_timeout, 2 * SSH_CONNECT_TIMEOUT),
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired):
@@ -47,7 +47,7 @@ class SystemProbes:
         return done.returncode == 0
 
     def hostname_i(self, host: str, port: int | None) -> str:
-        cmd = ['ssh', *_port_args(port), host, 'hostname', '-I']
+        cmd = ['ssh', '-o', f'ConnectTimeout={SSH_CONNECT_TIMEOUT}', *_port_args(port), host, 'hostname', '-I']
         try:
             done = subprocess.run(
                 cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=self.ssh_timeout, check=True
@@ -60,10 +60,12 @@ class SystemProbes:
         return done.stdout.decode('utf-8', errors='replace')
 
     def backend_exists(self, name: str) -> bool:
-        if name == 'mvapich':
-            return _is_mvapich_gdr()
-        tool = BACKEND_TOOLS.get(name)
-        return tool is not None and shutil.which(tool) is not None
+        """Asks the backend for the program it will run (DeepSpeed looks for `mpirun` for MPICH and
+        Intel MPI, which Open MPI's satisfies, and for `sinfo` for Slurm)."""
+        from .backends import LAUNCHERS
+
+        backend = LAUNCHERS.get(name)
+        return backend is not None and backend.backend_exists(self.environ.get('PATH'))
 
     def port_free(self, addr: str, port: int) -> bool:
         # The rendezvous server listens on every interface, so test the wildcard address;
@@ -85,15 +87,3 @@ class SystemProbes:
 
 def _port_args(port: int | None) -> list[str]:
     return ['-p', str(port)] if port else []  # DeepSpeed tests truthiness too
-
-
-def _is_mvapich_gdr() -> bool:
-    """DeepSpeed's MVAPICH check: ``mpiname`` must report MVAPICH2-GDR."""
-    mpiname = shutil.which('mpiname')
-    if mpiname is None:
-        return False
-    try:
-        out = subprocess.run([mpiname], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return 'MVAPICH2-GDR' in out.stdout

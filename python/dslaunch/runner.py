@@ -11,7 +11,9 @@ has the row.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +22,14 @@ from typing import Any, Literal, Protocol, cast
 from .argparse_compat import CompatArgumentParser
 from .devices import VISIBLE_DEVICES_VAR, DeviceId, visible_devices
 from .envfile import collect_exports, env_file_paths, read_env_files
-from .errors import CoreBindingError, LauncherError, ResourceFilterError, UnknownLauncherError, UsageError
+from .errors import (
+    CoreBindingError,
+    DslaunchError,
+    LauncherError,
+    ResourceFilterError,
+    UnknownLauncherError,
+    UsageError,
+)
 from .hostfile import MAX_SLOTS_PER_HOST, NO_HOSTFILE, fetch_hostfile, parse_inclusion_exclusion, parse_resource_filter
 from .world_info import encode_world_info
 
@@ -34,6 +43,7 @@ __all__ = [
     'launcher_command',
     'parse_args',
     'plan',
+    'shell_line',
 ]
 
 LAUNCHERS = ('pdsh', 'openmpi', 'mvapich', 'slurm', 'mpich', 'impi')
@@ -148,13 +158,7 @@ def _add_runner_extensions(p: CompatArgumentParser) -> None:
         '--rdzv_conf', type=str, default=None, help='Elastic: c10d rendezvous options, e.g. last_call_timeout=5.'
     )
     p.add_extension('--dry_run', action='store_true', help='Print what would be launched and exit.')
-    p.add_job_extensions()
-    p.add_extension(
-        '--hang_timeout',
-        type=float,
-        default=0.0,
-        help='Stop the job after this many seconds without output from any rank (0: off).',
-    )
+    p.add_job_extensions()  # --hang_timeout and the other observability options are defined there
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -310,17 +314,24 @@ def plan(
             f'with --no_ssh; {launcher} starts the ranks itself'
         )
     backends = _backends_module() if multinode else None
+    backend = None
     if backends is not None:
         backends.launcher_class(launcher).validate_active_resources(active)  # a class method, as in DeepSpeed
+        # Step 17's construction (it validates the arguments) moved up: the backend says which hosts it
+        # reaches by ssh. Deviation: "not installed" is asked before ssh, and names the package.
+        backend = backends.make_runner(launcher, args, encode_world_info(active), resource_pool)
+    if multinode and not probes.backend_exists(launcher):
+        package = f'; install {backend.backend_package()}' if backend is not None else ''
+        raise LauncherError(f"launcher '{launcher}' not installed{package}")
     first_host = next(iter(active))
+    # Deviation: DeepSpeed checks the first host, and only that, also where ssh is not used. Here:
+    # every host the engine reaches by ssh (pdsh: all; MPI ssh bootstraps: the other hosts), at once.
+    ssh_hosts = backend.ssh_hosts(env, active) if backend is not None and hostfile_pool is not None else []
     uses_ssh = multinode and launcher == PDSH and hostfile_pool is not None
-    if uses_ssh and not args.no_ssh_check and not probes.ssh_reachable(first_host, args.ssh_port):
-        raise LauncherError(
-            f'Using hostfile at {args.hostfile} but host={first_host} was not reachable via ssh. If you are '
-            f'running with a single node please remove {args.hostfile} or setup passwordless ssh.'
-        )
+    want_address = uses_ssh and not master_addr
+    address = _check_ssh(args, probes, [] if args.no_ssh_check else ssh_hosts, first_host if want_address else None)
     if not master_addr:
-        master_addr = _default_master_addr(args, probes, first_host, multinode=multinode, uses_ssh=uses_ssh)
+        master_addr = _default_master_addr(args, env, first_host, address, multinode=multinode)
 
     master_port = _choose_port(args, probes, master_addr, multinode)
 
@@ -344,12 +355,7 @@ def plan(
         argv = launcher_command(resolved, world_info, python=python, pid=pid)
         return Plan(mode='local', env=env, argv=argv, **common)
 
-    # Step 17. Constructing the backend validates its arguments, before the "not installed"
-    # check as in DeepSpeed; without dslaunch.backends that waits for backend_command.
-    if backends is not None:
-        backends.make_runner(launcher, resolved, world_info, resource_pool)
-    if not probes.backend_exists(launcher):
-        raise LauncherError(f"launcher '{launcher}' not installed.")
+    # Step 17 (the backend was built and asked above).
     old_path = env.get('PYTHONPATH')
     env['PYTHONPATH'] = workdir if old_path is None else f'{workdir}:{old_path}'
     exports = collect_exports(env)
@@ -411,6 +417,9 @@ def launcher_command(
         cmd += launch_flags(args)
     if getattr(args, 'report_json', None) is not None:
         cmd.append(f'--report_json={os.path.abspath(args.report_json)}')
+    from .argparse_compat import job_extension_flags
+
+    cmd += job_extension_flags(args)  # --hang_timeout, --collapse, ... when set
     return cmd + [args.user_script, *args.user_args]
 
 
@@ -422,6 +431,21 @@ def backend_command(p: Plan) -> list[str]:
     return backend_runner_command(p)[0]
 
 
+def shell_line(cmd: Sequence[str], env: Mapping[str, str], base: Mapping[str, str]) -> str:
+    """``cmd`` as one shell line that runs it with ``env`` from a shell whose environment is ``base``:
+    ``K=V ... cmd`` for what was set or changed, ``env -u K ... K=V ... cmd`` when something was removed.
+    Every word is shell-quoted (``--dry_run`` prints it to be pasted)."""
+    from .backends.quoting import is_shell_name
+
+    changed = [f'{k}={v}' for k, v in env.items() if base.get(k) != v]
+    removed = [k for k in base if k not in env]
+    if removed or not all(is_shell_name(word.split('=', 1)[0]) for word in changed):
+        prefix = ['env', *[w for k in removed for w in ('-u', k)], *changed] if removed or changed else []
+        return shlex.join([*prefix, *cmd])
+    assignments = [f'{word.split("=", 1)[0]}={shlex.quote(word.split("=", 1)[1])}' for word in changed]
+    return ' '.join([*assignments, shlex.join(cmd)])
+
+
 def backend_runner_command(p: Plan) -> tuple[list[str], Any]:
     """The backend command and the backend object (for its kill command and cleanup)."""
     if p.mode != 'multinode' or p.backend is None:
@@ -430,7 +454,10 @@ def backend_runner_command(p: Plan) -> tuple[list[str], Any]:
 
     runner = make_runner(p.backend, p.args, p.world_info, p.resource_pool)
     for key, value in p.exports.items():
-        runner.add_export(key, value)
+        try:
+            runner.add_export(key, value)
+        except ValueError as e:  # e.g. a NUL byte or '=' from a .deepspeed_env file
+            raise DslaunchError(str(e)) from None
     # get_cmd may add to the environment (PDSH_RCMD_TYPE, ...): p.env is what must be run with.
     # Multi-node worlds come from a hostfile, so their slots are ints (UUIDs only occur locally).
     return list(runner.get_cmd(p.env, cast('dict[str, list[int]]', p.active))), runner
@@ -467,12 +494,54 @@ def _local_resources(
     return {host: list(s) for host, s in filtered.items()}, len(slots), cpu_only
 
 
+def _check_ssh(args: argparse.Namespace, probes: Probes, hosts: Sequence[str], address_of: str | None) -> str | None:
+    """Every one of ``hosts`` must answer ssh; all are asked at once, with ``hostname -I`` of
+    ``address_of`` (if given) alongside. Returns that output. One round trip instead of DeepSpeed's
+    two: this is on the way to every rank's start."""
+    calls: list[Any] = [functools.partial(probes.ssh_reachable, host, args.ssh_port) for host in hosts]
+    if address_of is not None:
+        calls.append(functools.partial(probes.hostname_i, address_of, args.ssh_port))
+    if len(calls) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(calls), 64)) as pool:
+            futures = [pool.submit(call) for call in calls]
+        results = [f.exception() or f.result() for f in futures]
+    else:
+        results = []
+        for call in calls:
+            try:
+                results.append(call())
+            except LauncherError as exc:
+                results.append(exc)
+    for host, ok in zip(hosts, results):
+        if ok is not True:  # in hostfile order: the first host that does not answer is named
+            raise LauncherError(
+                f'Using hostfile at {args.hostfile} but host={host} was not reachable via ssh. If you are '
+                f'running with a single node please remove {args.hostfile} or setup passwordless ssh.'
+            )
+    if address_of is None:
+        return None
+    output = results[-1]
+    if isinstance(output, BaseException):
+        raise output
+    return _first_address(str(output), address_of)
+
+
 def _default_master_addr(
-    args: argparse.Namespace, probes: Probes, first_host: str, *, multinode: bool, uses_ssh: bool
+    args: argparse.Namespace, env: Mapping[str, str], first_host: str, address: str | None, *, multinode: bool
 ) -> str:
-    """Step 9 when --master_addr is empty (a hostfile was found)."""
-    if uses_ssh:
-        return _first_address(probes.hostname_i(first_host, args.ssh_port), first_host)
+    """Step 9 when --master_addr is empty (a hostfile was found); ``address``: from ``hostname -I``."""
+    if address is not None:
+        return address
+    if multinode and args.launcher.lower() == 'slurm' and not (args.include or args.exclude):
+        # Inside an allocation srun runs on its nodes (the hostfile's names are not passed), rank 0
+        # on the first one. Outside one, or with a --nodelist from the filters: the first kept host.
+        from .backends.slurm import first_node
+
+        allocated = first_node(env.get('SLURM_JOB_NODELIST', '') or env.get('SLURM_NODELIST', ''))
+        if allocated:
+            return allocated
     if multinode or args.no_ssh:
         return first_host  # the backend reaches it by this name, so ranks can too
     return LOOPBACK  # every rank runs here

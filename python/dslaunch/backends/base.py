@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -107,17 +109,25 @@ class MultiNodeRunner:
         return check_job_id(job_id) if job_id else None
 
     # ---- hooks a backend overrides ---------------------------------------------------------------
-    def backend_binary(self, path: str | None = None) -> str:
+    # Class methods: the runner asks them before it builds a backend (the "not installed" check).
+    @classmethod
+    def backend_binary(cls, path: str | None = None) -> str:
         """The program ``get_cmd`` puts first: an absolute path when found on ``path``, else its plain name."""
         raise NotImplementedError
 
-    def backend_exists(self) -> bool:
-        """Whether this backend's launcher program is installed (looked up on this process's PATH)."""
+    @classmethod
+    def backend_exists(cls, path: str | None = None) -> bool:
+        """Whether this backend's launcher program is installed (looked up on ``path``, default this process's PATH)."""
         raise NotImplementedError
 
-    def backend_package(self) -> str:
+    @classmethod
+    def backend_package(cls) -> str:
         """Where the launcher program comes from, for the "not installed" message."""
         raise NotImplementedError
+
+    def ssh_hosts(self, environment: Mapping[str, str], active_resources: ActiveResources) -> list[str]:
+        """The hosts the engine will reach over ssh, for the runner's reachability check (none by default)."""
+        return []
 
     def validate_args(self) -> None:
         """Reject arguments this backend cannot honour (called by ``__init__``)."""
@@ -189,6 +199,29 @@ class MultiNodeRunner:
             raise ResourceFilterError(message)
         return sum(counts), counts[0]
 
+    def ssh_bootstrap_hosts(
+        self,
+        environment: Mapping[str, str],
+        active_resources: ActiveResources,
+        bootstrap_flags: Sequence[str],
+        bootstrap_env: Sequence[str],
+    ) -> list[str]:
+        """``ssh_hosts`` for an MPI launcher that starts its remote daemons with ssh by default.
+
+        None when the engine will not use ssh: inside a batch job (mpirun then starts them through
+        the batch system: srun, qrsh, blaunch, ...), or when the user chose the bootstrap
+        (``bootstrap_flags`` in ``--launcher_args``, ``bootstrap_env`` in the environment). The
+        launch host itself is skipped: mpirun starts its ranks without ssh.
+        """
+        if any(environment.get(name) for name in (*BATCH_JOB_VARS, *bootstrap_env)):
+            return []
+        words = self.launcher_args()
+        if any(w in bootstrap_flags for w in words) or any(
+            a in ('-mca', '--mca') and b in bootstrap_flags for a, b in itertools.pairwise(words)
+        ):
+            return []
+        return [host for host in active_resources if not is_this_host(host)]
+
     # ---- signals ---------------------------------------------------------------------------------
     def forwarded_signal(self, sig: int) -> int:
         """The signal to send the backend command when the runner receives ``sig`` (Ctrl-C: SIGINT).
@@ -221,6 +254,23 @@ class MultiNodeRunner:
         whose printed command names them and must still work when pasted after we exit."""
         kept, self._temp_files = self._temp_files, []
         return kept
+
+
+#: Set inside a batch job, where MPI launchers start their remote daemons through the batch system.
+BATCH_JOB_VARS = ('SLURM_JOB_ID', 'SLURM_JOBID', 'PBS_JOBID', 'LSB_JOBID', 'PE_HOSTFILE', 'COBALT_JOBID', 'FLUX_URI')
+
+#: How a user picks the way Hydra (MPICH, Intel MPI, MVAPICH2) or Open MPI reaches the hosts; when
+#: given, the runner leaves reachability to the engine.
+HYDRA_BOOTSTRAP = ('-launcher', '-bootstrap', '-launcher-exec', '-bootstrap-exec')
+HYDRA_BOOTSTRAP_ENV = ('HYDRA_LAUNCHER', 'HYDRA_BOOTSTRAP', 'HYDRA_LAUNCHER_EXEC', 'HYDRA_BOOTSTRAP_EXEC')
+OMPI_BOOTSTRAP = ('plm', 'plm_rsh_agent', 'orte_rsh_agent')  # --mca NAME VALUE
+OMPI_BOOTSTRAP_ENV = ('OMPI_MCA_plm', 'OMPI_MCA_plm_rsh_agent', 'OMPI_MCA_orte_rsh_agent')
+
+
+def is_this_host(host: str) -> bool:
+    """Whether ``host`` names this machine (loopback or our own hostname)."""
+    name = socket.gethostname()
+    return host in ('localhost', '127.0.0.1', '::1', name, name.split('.')[0])
 
 
 def which_in_dir(program: str, directory: str) -> str | None:

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
-from .base import ActiveResources, MultiNodeRunner, version_text, which, which_in_dir
+from .base import (
+    HYDRA_BOOTSTRAP,
+    HYDRA_BOOTSTRAP_ENV,
+    ActiveResources,
+    MultiNodeRunner,
+    version_text,
+    which,
+    which_in_dir,
+)
 
 
 def find_intel_mpirun(path: str | None = None) -> str | None:
@@ -37,13 +45,21 @@ def _is_intel(program: str | None) -> bool:
 class IMPIRunner(MultiNodeRunner):
     name = 'impi'
 
-    def backend_binary(self, path: str | None = None) -> str:
+    @classmethod
+    def backend_binary(cls, path: str | None = None) -> str:
         return find_intel_mpirun(path) or 'mpirun'
 
-    def backend_exists(self) -> bool:
-        return find_intel_mpirun() is not None
+    @classmethod
+    def backend_exists(cls, path: str | None = None) -> bool:
+        return find_intel_mpirun(path) is not None
 
-    def backend_package(self) -> str:
+    def ssh_hosts(self, environment: Mapping[str, str], active_resources: ActiveResources) -> list[str]:
+        return self.ssh_bootstrap_hosts(
+            environment, active_resources, HYDRA_BOOTSTRAP, (*HYDRA_BOOTSTRAP_ENV, 'I_MPI_HYDRA_BOOTSTRAP')
+        )
+
+    @classmethod
+    def backend_package(cls) -> str:
         return "Intel MPI (the PyPI package 'impi-rt', or Intel oneAPI with $I_MPI_ROOT set)"
 
     def validate_args(self) -> None:

@@ -8,9 +8,9 @@ so nothing is quoted. Ranks get PMI_RANK / MPI_LOCALRANKID, which the helper map
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
-from .base import ActiveResources, MultiNodeRunner, version_text, which
+from .base import HYDRA_BOOTSTRAP, HYDRA_BOOTSTRAP_ENV, ActiveResources, MultiNodeRunner, version_text, which
 
 
 def is_mpich_hydra(program: str) -> bool:
@@ -21,7 +21,8 @@ def is_mpich_hydra(program: str) -> bool:
 class MPICHRunner(MultiNodeRunner):
     name = 'mpich'
 
-    def backend_binary(self, path: str | None = None) -> str:
+    @classmethod
+    def backend_binary(cls, path: str | None = None) -> str:
         # Prefer Debian's suffixed names: plain `mpirun` is usually Open MPI's (higher alternatives priority).
         for program in ('mpirun.mpich', 'mpiexec.mpich'):
             found = which(program, path)
@@ -30,11 +31,16 @@ class MPICHRunner(MultiNodeRunner):
         plain = which('mpirun', path)
         return plain if plain and is_mpich_hydra(plain) else 'mpirun'
 
-    def backend_exists(self) -> bool:
-        return os.path.isabs(self.backend_binary())
+    @classmethod
+    def backend_exists(cls, path: str | None = None) -> bool:
+        return os.path.isabs(cls.backend_binary(path))
 
-    def backend_package(self) -> str:
+    @classmethod
+    def backend_package(cls) -> str:
         return "MPICH (the Debian package 'mpich')"
+
+    def ssh_hosts(self, environment: Mapping[str, str], active_resources: ActiveResources) -> list[str]:
+        return self.ssh_bootstrap_hosts(environment, active_resources, HYDRA_BOOTSTRAP, HYDRA_BOOTSTRAP_ENV)
 
     def validate_args(self) -> None:
         self.reject_filters()

@@ -13,7 +13,7 @@ import subprocess
 from argparse import Namespace
 from collections.abc import Mapping, MutableMapping
 
-from .base import ActiveResources, MultiNodeRunner, which, which_in_dir
+from .base import HYDRA_BOOTSTRAP, HYDRA_BOOTSTRAP_ENV, ActiveResources, MultiNodeRunner, which, which_in_dir
 
 
 def _accelerator() -> str:
@@ -36,7 +36,8 @@ class MVAPICHRunner(MultiNodeRunner):
         self.add_export('MV2_INTER_ALLGATHER_TUNING', '5')
         self.add_export('MV2_CUDA_USE_NAIVE', '0')
 
-    def _mpiname(self, path: str | None = None) -> str | None:
+    @staticmethod
+    def _mpiname(path: str | None = None) -> str | None:
         mpiname = which('mpiname', path)
         if not mpiname:
             return None
@@ -46,15 +47,21 @@ class MVAPICHRunner(MultiNodeRunner):
             return None
         return mpiname if b'MVAPICH' in out else None
 
-    def backend_binary(self, path: str | None = None) -> str:
-        mpiname = self._mpiname(path)
+    @classmethod
+    def backend_binary(cls, path: str | None = None) -> str:
+        mpiname = cls._mpiname(path)
         return (mpiname and which_in_dir('mpirun', os.path.dirname(mpiname))) or 'mpirun'
 
-    def backend_exists(self) -> bool:
-        return self._mpiname() is not None
+    @classmethod
+    def backend_exists(cls, path: str | None = None) -> bool:
+        return cls._mpiname(path) is not None
 
-    def backend_package(self) -> str:
+    @classmethod
+    def backend_package(cls) -> str:
         return 'MVAPICH2 (not packaged by Debian or PyPI; `mpiname` must report MVAPICH)'
+
+    def ssh_hosts(self, environment: Mapping[str, str], active_resources: ActiveResources) -> list[str]:
+        return self.ssh_bootstrap_hosts(environment, active_resources, HYDRA_BOOTSTRAP, HYDRA_BOOTSTRAP_ENV)
 
     def validate_args(self) -> None:
         self.reject_filters()

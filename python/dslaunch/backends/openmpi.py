@@ -11,7 +11,15 @@ import os
 from argparse import Namespace
 from collections.abc import Mapping, MutableMapping
 
-from .base import ActiveResources, MultiNodeRunner, slot_counts, which, which_in_dir
+from .base import (
+    OMPI_BOOTSTRAP,
+    OMPI_BOOTSTRAP_ENV,
+    ActiveResources,
+    MultiNodeRunner,
+    slot_counts,
+    which,
+    which_in_dir,
+)
 
 
 class OpenMPIRunner(MultiNodeRunner):
@@ -21,7 +29,8 @@ class OpenMPIRunner(MultiNodeRunner):
         super().__init__(args, world_info_base64, resource_pool)
         self.add_export('UCX_TLS', 'tcp')  # DeepSpeed's first export, kept for the same shape
 
-    def backend_binary(self, path: str | None = None) -> str:
+    @classmethod
+    def backend_binary(cls, path: str | None = None) -> str:
         # Debian installs Open MPI and MPICH side by side; plain `mpirun` may be either (alternatives).
         suffixed = which('mpirun.openmpi', path)
         if suffixed:
@@ -30,11 +39,16 @@ class OpenMPIRunner(MultiNodeRunner):
         mpirun = info and which_in_dir('mpirun', os.path.dirname(info))
         return mpirun or 'mpirun'
 
-    def backend_exists(self) -> bool:
-        return os.path.isabs(self.backend_binary())
+    @classmethod
+    def backend_exists(cls, path: str | None = None) -> bool:
+        return os.path.isabs(cls.backend_binary(path))
 
-    def backend_package(self) -> str:
+    @classmethod
+    def backend_package(cls) -> str:
         return "Open MPI (the Debian package 'openmpi-bin')"
+
+    def ssh_hosts(self, environment: Mapping[str, str], active_resources: ActiveResources) -> list[str]:
+        return self.ssh_bootstrap_hosts(environment, active_resources, OMPI_BOOTSTRAP, OMPI_BOOTSTRAP_ENV)
 
     @classmethod
     def validate_active_resources(cls, active: ActiveResources) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 from ..errors import LauncherError
 from .base import JOB_ID_ENV, LAUNCH_MODULE, ActiveResources, MultiNodeRunner, check_job_id, which
@@ -27,14 +27,20 @@ class PDSHRunner(MultiNodeRunner):
     _pdsh_prefix: list[str] | None = None
     _marked_job: str | None = None
 
-    def backend_binary(self, path: str | None = None) -> str:
+    @classmethod
+    def backend_binary(cls, path: str | None = None) -> str:
         return which('pdsh', path) or 'pdsh'
 
-    def backend_exists(self) -> bool:
-        return which('pdsh') is not None
+    @classmethod
+    def backend_exists(cls, path: str | None = None) -> bool:
+        return which('pdsh', path) is not None
 
-    def backend_package(self) -> str:
+    @classmethod
+    def backend_package(cls) -> str:
         return "the Debian package 'pdsh' (with an ssh client)"
+
+    def ssh_hosts(self, environment: Mapping[str, str], active_resources: ActiveResources) -> list[str]:
+        return list(active_resources)  # pdsh reaches every host by ssh, this one too
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
         environment['PDSH_RCMD_TYPE'] = 'ssh'
@@ -111,11 +117,18 @@ class PDSHRunner(MultiNodeRunner):
             flags.append(f'--console_ranks={self.args.console_ranks}')
         if getattr(self.args, 'report_json', None) is not None:
             flags.append(f'--report_json={os.path.abspath(self.args.report_json)}')
+        from dslaunch.argparse_compat import job_extension_flags
+
+        flags += job_extension_flags(self.args)  # --hang_timeout, --collapse, ... when set
         if getattr(self.args, 'elastic_training', False):  # DeepSpeed 0.19.7's pdsh runner forwarded these
             from dslaunch.elastic import launch_flags
 
-            flags += ['--enable_elastic_training', f'--max_elastic_nodes={self.args.max_elastic_nodes}',
-                      f'--min_elastic_nodes={self.args.min_elastic_nodes}', *launch_flags(self.args)]
+            flags += [
+                '--enable_elastic_training',
+                f'--max_elastic_nodes={self.args.max_elastic_nodes}',
+                f'--min_elastic_nodes={self.args.min_elastic_nodes}',
+                *launch_flags(self.args),
+            ]
         return flags
 
     def kill_cmd(self, job_id: str, signal_name: str = 'TERM') -> list[str]:

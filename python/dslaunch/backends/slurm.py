@@ -20,16 +20,35 @@ from ..errors import ResourceFilterError
 from .base import ActiveResources, MultiNodeRunner, slot_counts, which
 
 
+def first_node(nodelist: str) -> str | None:
+    """The first host of a Slurm hostlist (``gpu[03-05,7],cpu1`` -> ``gpu03``), None if empty or unreadable."""
+    head, depth = '', 0
+    for ch in nodelist.strip():  # up to the first comma outside brackets
+        depth += (ch == '[') - (ch == ']')
+        if ch == ',' and depth == 0:
+            break
+        head += ch
+    prefix, bracket, rest = head.partition('[')
+    if not bracket:
+        return prefix or None
+    first = rest.split(',')[0].split('-')[0].rstrip(']')
+    suffix = rest.partition(']')[2]
+    return f'{prefix}{first}{suffix}' if first.isdigit() and '[' not in suffix else None
+
+
 class SlurmRunner(MultiNodeRunner):
     name = 'slurm'
 
-    def backend_binary(self, path: str | None = None) -> str:
+    @classmethod
+    def backend_binary(cls, path: str | None = None) -> str:
         return which('srun', path) or 'srun'
 
-    def backend_exists(self) -> bool:
-        return which('srun') is not None  # DeepSpeed looks for sinfo, but srun is what runs
+    @classmethod
+    def backend_exists(cls, path: str | None = None) -> bool:
+        return which('srun', path) is not None  # DeepSpeed looks for sinfo, but srun is what runs
 
-    def backend_package(self) -> str:
+    @classmethod
+    def backend_package(cls) -> str:
         return "Slurm's client commands (the Debian package 'slurm-client')"
 
     @classmethod

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""A rank that records what it was given, for the multi-node tests (standard library only).
+
+    rank_probe.py [--local_rank=N] OUTDIR [ARGS...]
+
+Writes OUTDIR/rank<RANK>.json (atomically) with its host, pid, argv (ARGS, byte for byte), cwd,
+the ``--local_rank=N`` the per-node launcher put first (PDSH only), the rank variables a plain
+torch.distributed script needs and every variable whose name starts with MLFLOW_DSLT_ (the
+tests' exported values: a prefix DeepSpeed's runner exports). Then, if OUTDIR/control.json exists:
+  {"exit": {"<rank>": code}, "exit_after": seconds, "sleep": seconds}
+a rank listed in "exit" sleeps "exit_after" seconds, writes OUTDIR/exit<RANK> (the time it exits)
+and exits with its code; the others sleep "sleep" seconds (a rank blocked in a collective), exit 0.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+
+RANK_KEYS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+EXTRA_KEYS = ('DSLAUNCH_TEST_TAG', 'DSLAUNCH_JOB_ID', 'PYTHONPATH')
+
+
+def main() -> int:
+    words = sys.argv[1:]
+    local_rank_arg = words.pop(0) if words and words[0].startswith('--local_rank=') else None
+    outdir, args = words[0], words[1:]
+    rank = os.environ.get('RANK', f'unknown-{os.getpid()}')
+    record = {
+        'host': socket.gethostname(),
+        'pid': os.getpid(),
+        'argv': args,
+        'local_rank_arg': local_rank_arg,
+        'cwd': os.getcwd(),
+        'env': {k: os.environ[k] for k in RANK_KEYS + EXTRA_KEYS if k in os.environ},
+        'exports': {k: v for k, v in os.environ.items() if k.startswith('MLFLOW_DSLT_')},
+        'started': time.time(),
+    }
+    path = os.path.join(outdir, f'rank{rank}.json')
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump(record, f)
+    os.replace(path + '.tmp', path)
+    print(f'probe rank {rank} on {record["host"]}', flush=True)
+
+    try:
+        with open(os.path.join(outdir, 'control.json'), encoding='utf-8') as f:
+            control = json.load(f)
+    except FileNotFoundError:
+        return 0
+    code = control.get('exit', {}).get(rank)
+    if code is not None:
+        time.sleep(control.get('exit_after', 0))
+        with open(os.path.join(outdir, f'exit{rank}'), 'w', encoding='utf-8') as f:
+            f.write(repr(time.time()))
+        print(f'probe rank {rank} exits with {code}', file=sys.stderr, flush=True)
+        return int(code)
+    time.sleep(control.get('sleep', 0))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -87,8 +86,11 @@ def test_dry_run_command_through_a_real_shell_delivers_the_same(tmp_path: Path) 
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     stdout = p.stdout.decode()  # bytes as printed: no newline translation (a value holds \r\n)
-    # The command is the last thing printed (after the runner's notes); quoted values hold newlines.
-    line = stdout[stdout.index(shlex.quote(sys.executable) + ' -u -m dslaunch.launch ') :]
+    # The command is the last thing printed (after the runner's notes); quoted values hold newlines,
+    # the interpreter's path (the console script's, python or python3) does not.
+    at = stdout.index(' -u -m dslaunch.launch ')
+    line = stdout[stdout.rfind('\n', 0, at) + 1 :]
+    assert line.startswith(os.path.dirname(sys.executable) + '/python'), line
     done = subprocess.run(['/bin/sh', '-c', line], env=env, cwd=tmp_path, capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr.decode(errors='replace')
     for r, rec in enumerate(_records(tmp_path, 2)):

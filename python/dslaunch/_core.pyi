@@ -218,8 +218,12 @@ class Supervisor:
     ) -> bool: ...
 
 def kill_tree(pid: int, grace_period: float = 5.0) -> int:
-    """Kills `pid` and all its descendants (setsid and double-forked ones included): SIGTERM,
-    then SIGKILL after `grace_period`. Returns how many processes were signalled."""
+    """Kills `pid` and all its descendants (in other process groups or sessions too): SIGTERM,
+    then SIGKILL after `grace_period`. Returns how many processes were signalled.
+
+    The walk follows parent links, so a daemon whose middle parent already exited (a finished
+    double fork) is no longer below `pid`; a `Supervisor` finds those (it is their subreaper, and
+    they carry its job marker)."""
 
 def find_marked(marker: str) -> list[int]:
     """Pids of every live process whose environment holds the entry `marker` (`NAME=VALUE`)."""

@@ -703,8 +703,10 @@ impl PySupervisor {
     }
 }
 
-/// Kills `pid` and every descendant (setsid and double-forked ones included): SIGTERM, then
-/// SIGKILL after `grace_period` seconds. Returns how many processes were signalled.
+/// Kills `pid` and every descendant (in other process groups or sessions too): SIGTERM, then
+/// SIGKILL after `grace_period` seconds. Returns how many processes were signalled. The walk
+/// follows parent links: a daemon whose middle parent already exited (a finished double fork) is
+/// no longer below `pid`; a `Supervisor` finds those (subreaper + job marker).
 #[pyfunction]
 #[pyo3(signature = (pid, grace_period=5.0))]
 fn kill_tree(py: Python<'_>, pid: i32, grace_period: f64) -> PyResult<usize> {

@@ -142,6 +142,20 @@ def test_bad_export_name_in_an_env_file_is_one_error_line(tmp_path: Path) -> Non
     assert proc.stderr.splitlines() == ["dslaunch: error: cannot export 'BAD\\x00NAME': not an environment variable name"]
 
 
+@pytest.mark.parametrize('launcher', ['openmpi', 'mpich', 'impi', 'mvapich', 'slurm'])
+def test_hang_timeout_with_an_engine_that_starts_the_ranks_itself_is_one_error_line(tmp_path: Path,
+                                                                                    launcher: str) -> None:
+    hostfile = tmp_path / 'hostfile'
+    hostfile.write_text('h1 slots=1\nh2 slots=1\n')
+    proc = dslaunch('-H', str(hostfile), '--launcher', launcher, '--hang_timeout', '30', '--master_addr', '10.0.0.1',
+                    DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr
+    want = (f'dslaunch: error: --hang_timeout needs per-node launchers: use --launcher pdsh, or start each host '
+            f'with --no_ssh; {launcher} starts the ranks itself')
+    assert proc.stderr.splitlines() == [want]
+    assert not [p for p in tmp_path.iterdir() if p.name != 'hostfile'], 'nothing started'
+
+
 def test_save_pid_file_exists_while_running_and_is_removed(tmp_path: Path) -> None:
     env = dict(os.environ, MARK_DIR=str(tmp_path), BEHAVE_0='sleep')
     p = subprocess.Popen([DSLAUNCH, '--num_gpus', '1', '--save_pid', BEHAVE], env=env, stdout=subprocess.PIPE,

@@ -312,3 +312,30 @@ def test_runner_forwards_the_flags_only_when_set() -> None:
     for flag in ('--hang_timeout=5.0', '--hang_action=report', '--collapse=off', '--collapse_window=1.0',
                  '--status_line=off'):
         assert flag in proc.stdout.split(), proc.stdout
+
+
+def test_a_hang_on_a_node_reaches_the_multinode_runner_as_the_root_cause(tmp_path: Path) -> None:
+    """Multi-node: a per-node launcher whose watchdog stopped a hung job tells the runner (over the
+    job channel, as on a real cluster) that the job hangs, not that its ranks died by the SIGTERM
+    of its own stop; it exits 124."""
+    from dslaunch.jobchannel import JobServer
+    from dslaunch.world_info import encode_world_info
+
+    failures: list[dict] = []
+    server = JobServer(on_failure=failures.append)
+    try:
+        env = env_for(OBS_SLEEP='60', **server.env_for('localhost'))
+        proc = subprocess.run(
+            [sys.executable, '-m', 'dslaunch.launch', f'--world_info={encode_world_info({"localhost": [0, 1]})}',
+             '--node_rank=0', '--master_addr=127.0.0.1', f'--master_port={free_port()}', '--hang_timeout=1',
+             str(SLEEP)],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 124, proc.stderr
+        assert 'dslaunch: HANG: no rank wrote output' in proc.stderr
+        first = server.first_failure
+        assert first is not None and first['kind'] == 'hang', first
+        assert first['exit_status'] == 124 and first['rank'] is None and first['quiet_for'] >= 1, first
+        assert failures == [first], 'the hang is the only failure the runner hears of'
+    finally:
+        server.close()

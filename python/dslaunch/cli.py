@@ -139,6 +139,11 @@ def run_multinode(plan: runner_mod.Plan) -> int:
     if stops:
         return 128 + stops[0]
     failure = server.first_failure
+    if failure is not None and failure.get('kind') == 'hang':
+        where = f' on {failure["host"]}' if failure.get('host') else ''
+        print(f'{PROG}: error: the job hung{where}: no rank there wrote output for {failure.get("quiet_for", 0):.0f} s '
+              '(its stacks are above); every host was stopped', file=sys.stderr)  # fmt: skip
+        return int(failure['exit_status'])
     if failure is not None and failure.get('exit_status'):
         where = f' on {failure["host"]}' if failure.get('host') else ''
         print(f'{PROG}: error: rank {failure.get("rank")}{where} exited with status {failure["exit_status"]}; '

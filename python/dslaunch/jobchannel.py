@@ -210,6 +210,22 @@ class JobClient:
             },
         )
 
+    def report_hang(self, quiet_for: float, suspects: list[int | str], exit_status: int) -> None:
+        """This node's hang watchdog stopped its ranks (`--hang_timeout`): the job hangs."""
+        _send(
+            self._sock,
+            {
+                't': 'fail',
+                'kind': 'hang',
+                'node': self._node,
+                'host': socket.gethostname(),
+                'rank': None,
+                'exit_status': exit_status,
+                'quiet_for': quiet_for,
+                'suspects': suspects[:16],
+            },
+        )
+
     def report_done(self, code: int) -> None:
         self._finished = True
         _send(self._sock, {'t': 'done', 'node': self._node, 'code': code})

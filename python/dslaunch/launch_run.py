@@ -213,7 +213,13 @@ def _supervise(sup: _core.Supervisor, client: jobchannel.JobClient | None, watch
                     client.report_failure(int(r.tag), r.returncode, r.exit_status, r.stderr_tail)
                     reported = True
             if watch is not None:
-                watch.check()
+                hang = watch.check()
+                if hang is not None and watch.stopped_job and not reported:
+                    # The root cause is the hang, not the SIGTERM our own stop gives the ranks next.
+                    from dslaunch.hang import HANG_EXIT_STATUS
+
+                    client.report_hang(hang.quiet_for, hang.suspects, HANG_EXIT_STATUS)
+                    reported = True
     elif watch is not None:
         while sup.wait(timeout=period) is None:
             watch.check()

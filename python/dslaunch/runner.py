@@ -313,6 +313,12 @@ def plan(
             f'--elastic_training needs per-node launchers: use --launcher pdsh, or start each host '
             f'with --no_ssh; {launcher} starts the ranks itself'
         )
+    if getattr(args, 'hang_timeout', 0) and multinode and launcher != PDSH:
+        # The watchdog lives in the per-node launcher, which MPI and Slurm do not run.
+        raise UsageError(
+            f'--hang_timeout needs per-node launchers: use --launcher pdsh, or start each host with '
+            f'--no_ssh; {launcher} starts the ranks itself'
+        )
     backends = _backends_module() if multinode else None
     backend = None
     if backends is not None:

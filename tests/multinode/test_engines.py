@@ -507,3 +507,19 @@ def test_all_ranks_of_a_two_host_job_up_within_1s(runner: Runner, engine: Engine
     assert up <= 3.0, f'last rank up {up:.2f} s after start'
     if up > 1.0:
         pytest.xfail(f'issue 5 target: all ranks up within 1 s; took {up:.2f} s here')
+
+
+@pytest.mark.parametrize('engine', ['pdsh'], indirect=True)
+def test_a_hang_stops_every_host_and_the_runner_names_it(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """`--hang_timeout` across hosts: every rank goes silent (as in a collective that never
+    completes); a per-node launcher's watchdog reports the stacks, stops its ranks and tells the
+    runner, which stops every host and exits 124 with one line naming where it hung."""
+    out = tmp_path / 'out'
+    control(out, sleep=60)
+    run = runner.run(*engine.flags(), '-H', str(runner.cluster.hostfile), '--hang_timeout=2', *probe(out),
+                     engine=engine, timeout=60)
+    assert run.returncode == 124, run.stderr
+    assert 'dslaunch: HANG: no rank wrote output' in run.stdout + run.stderr
+    assert re.fullmatch(r'dslaunch: error: the job hung on h[12]: no rank there wrote output for \d+ s '
+                        r'\(its stacks are above\); every host was stopped', run.error_lines()[-1]), run.stderr
+    assert run.seconds < 30, 'every host stopped at once, not after the ranks slept 60 s'

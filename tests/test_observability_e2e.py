@@ -339,3 +339,27 @@ def test_a_hang_on_a_node_reaches_the_multinode_runner_as_the_root_cause(tmp_pat
         assert failures == [first], 'the hang is the only failure the runner hears of'
     finally:
         server.close()
+
+
+def test_stacks_takes_an_all_digit_job_id_prefix_that_is_no_pid() -> None:
+    """Job ids are hex, so some are all digits: a number that finds no job as a pid is tried as a
+    job id prefix (seen in ~6% of runs of the test above before the fix)."""
+    from dslaunch import _core
+
+    run_id = '987654321098'  # its 8-digit prefix is above any pid_max (4,194,304 at most)
+    sup = _core.Supervisor([_core.RankSpec([sys.executable, str(SLEEP)], env={'OBS_SLEEP': '60', 'RANK': str(r)})
+                            for r in range(2)], run_id=run_id, grace_period=0)  # fmt: skip
+    with sup:
+        deadline = time.monotonic() + 30
+        while True:
+            proc = dslaunch('stacks', run_id[:8])
+            if proc.returncode == 0 and 'wait_here' in proc.stdout:
+                break
+            assert time.monotonic() < deadline, proc.stderr + proc.stdout
+            time.sleep(0.2)
+        assert f'job {run_id}' in proc.stdout, proc.stdout
+        sup.terminate()
+        sup.wait()
+    missing = dslaunch('stacks', '99999999')
+    assert missing.returncode == 1
+    assert missing.stderr.startswith('dslaunch stacks: error: no process 99999999'), missing.stderr

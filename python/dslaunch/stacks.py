@@ -378,27 +378,39 @@ def _ranks_of(marked: dict[int, tuple[str, int | None, dict[str, str]]], run_ids
 def find_job(job: str, *, pid_dir: str = '/tmp') -> Job:
     """`job`: the job id the launcher printed (or a unique prefix of it, 4 characters at least),
     the launcher's pid, or the pid given to `--save_pid` (its `/tmp/<pid>.deepspeed` names the
-    launcher)."""
+    launcher). A job id is hex, so a number may be either: it is a pid if that finds a job, else
+    a job id (prefix)."""
     marked = _marked()
     if job.isdigit():
-        pid = int(job)
-        launcher = pid
-        pid_file = os.path.join(pid_dir, f'{pid}.deepspeed')
         try:
-            with open(pid_file, encoding='ascii') as f:
-                launcher = int(f.read().strip())
-        except (OSError, ValueError):
-            pass
-        if pid in marked and launcher == pid:  # a rank's (or its child's) own pid: its job
-            rid = marked[pid][0]
-            return Job([rid], _ranks_of(marked, {rid}), None)
-        if not os.path.exists(f'/proc/{launcher}'):
-            raise JobNotFound(f'no process {launcher}' + (f' (from {pid_file})' if launcher != pid else ''))
-        below = set(children_of(launcher))
-        run_ids = {marked[p][0] for p in below if p in marked}
-        if not run_ids:
-            raise JobNotFound(f'process {launcher} runs no dslaunch job')
-        return Job(sorted(run_ids), _ranks_of(marked, run_ids, under=launcher), launcher)
+            return _job_of_pid(int(job), marked, pid_dir)
+        except JobNotFound:
+            if not any(rid.startswith(job) for rid, _, _ in marked.values()):
+                raise
+    return _job_of_id(job, marked)
+
+
+def _job_of_pid(pid: int, marked: dict[int, tuple[str, int | None, dict[str, str]]], pid_dir: str) -> Job:
+    launcher = pid
+    pid_file = os.path.join(pid_dir, f'{pid}.deepspeed')
+    try:
+        with open(pid_file, encoding='ascii') as f:
+            launcher = int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    if pid in marked and launcher == pid:  # a rank's (or its child's) own pid: its job
+        rid = marked[pid][0]
+        return Job([rid], _ranks_of(marked, {rid}), None)
+    if not os.path.exists(f'/proc/{launcher}'):
+        raise JobNotFound(f'no process {launcher}' + (f' (from {pid_file})' if launcher != pid else ''))
+    below = set(children_of(launcher))
+    run_ids = {marked[p][0] for p in below if p in marked}
+    if not run_ids:
+        raise JobNotFound(f'process {launcher} runs no dslaunch job')
+    return Job(sorted(run_ids), _ranks_of(marked, run_ids, under=launcher), launcher)
+
+
+def _job_of_id(job: str, marked: dict[int, tuple[str, int | None, dict[str, str]]]) -> Job:
     ids = {rid for rid, _, _ in marked.values()}
     if job in ids:
         chosen = {job}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from dslaunch.jobchannel import REPORT_TO_ENV, TOKEN_ENV, JobServer
+from helpers.procs import alive
 
 SCRIPT = """
 import json, os, sys, time
@@ -49,14 +50,6 @@ def wait_file(path: Path, proc: subprocess.Popen[str], timeout: float = 20) -> d
         assert time.monotonic() < deadline, f'{path} not written'
         time.sleep(0.01)
     return json.loads(path.read_text())
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f'/proc/{pid}/stat', 'rb') as f:
-            return f.read().rsplit(b')', 1)[1].split()[0] not in (b'Z', b'X')
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from dslaunch.world_info import encode_world_info
+from helpers.procs import alive
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / 'examples' / 'train_elastic.py'
@@ -51,14 +52,6 @@ def wait_listening(port: int, timeout: float) -> None:
                 return
         time.sleep(0.05)
     raise AssertionError(f'nothing listens on port {port} after {timeout} s')
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f'/proc/{pid}/stat', 'rb') as f:
-            return f.read().rsplit(b')', 1)[1].split()[0] not in (b'Z', b'X')
-    except OSError:
-        return False
 
 
 class Node:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from dslaunch import _core
+from helpers import mounts
 from helpers.procs import HELPERS, PY, marked
 
 F_SETPIPE_SZ = 1031
@@ -92,19 +93,8 @@ def test_one_gigabyte_without_a_newline_keeps_memory_bounded() -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs (root only): the disk the log files fill up."""
-    if os.geteuid() != 0:
-        pytest.skip('mounting a tmpfs needs root')
-    mnt = tmp_path / 'full'
-    mnt.mkdir()
-    done = subprocess.run(
-        ['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', str(mnt)], capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs: {done.stderr.decode().strip()}')
-    try:
+    with mounts.small_tmpfs(tmp_path, '256k') as mnt:
         yield mnt
-    finally:
-        subprocess.run(['umount', '-l', str(mnt)], check=False)
 
 
 def test_full_disk_for_log_files_keeps_the_job_running(tmp_path: Path, small_tmpfs: Path) -> None:

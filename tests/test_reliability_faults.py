@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import mounts
 from helpers.procs import alive, all_dead, marked, wait_until
 
 DSLAUNCH = str(Path(sys.executable).parent / 'dslaunch')
@@ -459,19 +460,8 @@ def test_two_jobs_side_by_side_do_not_touch_each_other(tmp_path: Path, no_proces
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 128 KiB tmpfs (root only): the disk the log files fill up."""
-    if os.geteuid() != 0:
-        pytest.skip('mounting a tmpfs needs root')
-    mnt = tmp_path / 'full'
-    mnt.mkdir()
-    done = subprocess.run(
-        ['mount', '-t', 'tmpfs', '-o', 'size=128k', 'tmpfs', str(mnt)], capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs: {done.stderr.decode().strip()}')
-    try:
+    with mounts.small_tmpfs(tmp_path, '128k') as mnt:
         yield mnt
-    finally:
-        subprocess.run(['umount', '-l', str(mnt)], check=False)
 
 
 def test_full_log_disk_through_the_cli_is_a_warning_and_a_report_note(

@@ -874,15 +874,7 @@ impl Loop {
                 console.message(true, msg.as_bytes());
             }
         }
-        let keep_tail = if s.is_stderr { *tail_lines } else { 0 };
-        let route = Route {
-            rank: r,
-            stderr: s.is_stderr,
-            console: rank.console,
-            keep_tail,
-            keep_last: *keep_last_line,
-            now,
-        };
+        let route = Route::new(r, s.is_stderr, rank.console, *tail_lines, *keep_last_line, now);
         s.splitter.feed(data, route_segment(&mut rank.info, console, route));
     }
 
@@ -902,15 +894,14 @@ impl Loop {
             let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
         }
         let rank = &mut ranks[r];
-        let keep_tail = if s.is_stderr { *tail_lines } else { 0 };
-        let route = Route {
-            rank: r,
-            stderr: s.is_stderr,
-            console: rank.console,
-            keep_tail,
-            keep_last: *keep_last_line,
-            now: Instant::now(),
-        };
+        let route = Route::new(
+            r,
+            s.is_stderr,
+            rank.console,
+            *tail_lines,
+            *keep_last_line,
+            Instant::now(),
+        );
         s.splitter.finish(route_segment(&mut rank.info, console, route));
         rank.dirty = true;
     }
@@ -1260,6 +1251,21 @@ struct Route {
     keep_tail: usize,
     keep_last: bool,
     now: Instant,
+}
+
+impl Route {
+    /// The route of one stream: only stderr keeps a tail (of `tail_lines` lines).
+    fn new(rank: usize, stderr: bool, console: bool, tail_lines: usize, keep_last: bool, now: Instant) -> Self {
+        let keep_tail = if stderr { tail_lines } else { 0 };
+        Route {
+            rank,
+            stderr,
+            console,
+            keep_tail,
+            keep_last,
+            now,
+        }
+    }
 }
 
 /// Where each segment of a rank's stream goes: counted, to the console (if shown), into the

@@ -154,6 +154,20 @@ class MultiNodeRunner:
         extra = [('MASTER_ADDR', str(self.arg('master_addr'))), ('MASTER_PORT', str(self.arg('master_port')))]
         return extra + self.marker_exports()
 
+    def genv_words(self, total: int, per_host: int, *extra: tuple[str, str]) -> list[str]:
+        """Hydra's (MPICH, Intel MPI) ``-genv NAME VALUE`` words, value unchanged: the exports, then
+        MASTER_ADDR, MASTER_PORT, WORLD_SIZE, LOCAL_SIZE, ``extra`` and the job marker."""
+        pairs = [
+            *self.exports.items(),
+            ('MASTER_ADDR', str(self.arg('master_addr'))),
+            ('MASTER_PORT', str(self.arg('master_port'))),
+            ('WORLD_SIZE', str(total)),
+            ('LOCAL_SIZE', str(per_host)),
+            *extra,
+            *self.marker_exports(),
+        ]
+        return [word for key, value in pairs for word in ('-genv', key, value)]
+
     def marker_exports(self) -> list[tuple[str, str]]:
         job_id = self.job_id()
         return [(JOB_ID_ENV, job_id)] if job_id else []

@@ -70,17 +70,7 @@ class IMPIRunner(MultiNodeRunner):
         binary = self.backend_binary(environment.get('PATH'))
         self._put_hydra_first(binary, environment)
         cmd = [binary, '-ppn', str(per_host)] + self.launcher_args()
-        for key, value in self.exports.items():
-            cmd += ['-genv', key, value]
-        for key, value in [
-            ('MASTER_ADDR', str(self.arg('master_addr'))),
-            ('MASTER_PORT', str(self.arg('master_port'))),
-            ('WORLD_SIZE', str(total)),
-            ('LOCAL_SIZE', str(per_host)),
-            ('I_MPI_PIN', '0'),  # Intel pinning off: binding is ours (numactl in the helper)
-            *self.marker_exports(),
-        ]:
-            cmd += ['-genv', key, value]
+        cmd += self.genv_words(total, per_host, ('I_MPI_PIN', '0'))  # Intel pinning off: binding is ours (numactl)
         cmd += ['-hosts', ','.join(active_resources), '-n', str(total)]
         return cmd + self.helper_cmd(self._bind_flags())
 

@@ -49,15 +49,6 @@ class MPICHRunner(MultiNodeRunner):
         total, per_host = self.equal_slots(active_resources, 'MPICH requires same number of devices per node')
         cmd = [self.backend_binary(environment.get('PATH')), '-n', str(total), '-ppn', str(per_host)]
         cmd += self.launcher_args()
-        for key, value in self.exports.items():
-            cmd += ['-genv', key, value]
-        for key, value in [
-            ('MASTER_ADDR', str(self.arg('master_addr'))),
-            ('MASTER_PORT', str(self.arg('master_port'))),
-            ('WORLD_SIZE', str(total)),
-            ('LOCAL_SIZE', str(per_host)),
-            *self.marker_exports(),
-        ]:
-            cmd += ['-genv', key, value]
+        cmd += self.genv_words(total, per_host)
         cmd += ['-hosts', ','.join(active_resources)]
         return cmd + self.helper_cmd()

@@ -6,7 +6,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -104,6 +104,12 @@ fn rank_path<'a>(req: &'a SpawnRequest<'a>) -> Option<OsString> {
 
 /// Starts one rank in its own process group with stdin on /dev/null and piped stdout/stderr.
 pub fn spawn(req: &SpawnRequest<'_>) -> CoreResult<Spawned> {
+    let (pid, stdout, stderr) = start_rank(req)?;
+    finish_spawn(pid, stdout, stderr)
+}
+
+/// The spawn itself: the rank's pid and the (blocking) read ends of its two pipes.
+fn start_rank(req: &SpawnRequest<'_>) -> CoreResult<(i32, OwnedFd, OwnedFd)> {
     let Some(argv0) = req.argv.first() else {
         return Err(CoreError::InvalidArgument("argv must not be empty".into()));
     };
@@ -132,7 +138,7 @@ pub fn spawn(req: &SpawnRequest<'_>) -> CoreResult<Spawned> {
 }
 
 /// The old path through `std::process::Command` (only when glibc cannot chdir in posix_spawn).
-fn spawn_with_std(program: &Path, req: &SpawnRequest<'_>) -> CoreResult<Spawned> {
+fn spawn_with_std(program: &Path, req: &SpawnRequest<'_>) -> CoreResult<(i32, OwnedFd, OwnedFd)> {
     let argv0 = &req.argv[0];
     let mut cmd = Command::new(program);
     cmd.arg0(argv0).args(&req.argv[1..]);
@@ -153,17 +159,16 @@ fn spawn_with_std(program: &Path, req: &SpawnRequest<'_>) -> CoreResult<Spawned>
     let stdout: OwnedFd = child.stdout.take().expect("piped stdout").into();
     let stderr: OwnedFd = child.stderr.take().expect("piped stderr").into();
     // `child` is dropped without waiting: std neither kills nor reaps on drop; the pidfd reaps.
-    finish_spawn(pid, stdout, stderr)
+    Ok((pid, stdout, stderr))
 }
 
 /// Opens the pidfd and makes our pipe ends non-blocking. If that fails (EMFILE), the child is
 /// killed and reaped here: it is not in anyone's list yet, so nobody else would.
 fn finish_spawn(pid: i32, stdout: OwnedFd, stderr: OwnedFd) -> CoreResult<Spawned> {
     let setup = || -> io::Result<OwnedFd> {
-        let pidfd = reap::pidfd_open(pid)?;
         set_nonblocking(&stdout)?;
         set_nonblocking(&stderr)?;
-        Ok(pidfd)
+        reap::pidfd_open(pid)
     };
     match setup() {
         Ok(pidfd) => Ok(Spawned {
@@ -173,12 +178,169 @@ fn finish_spawn(pid: i32, stdout: OwnedFd, stderr: OwnedFd) -> CoreResult<Spawne
             stderr,
         }),
         Err(e) => {
-            crate::signals::killpg(pid, libc::SIGKILL);
-            let mut status = 0;
-            // SAFETY: waitpid on our own just-started child with a valid out-pointer.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            kill_and_reap(pid);
             Err(e.into())
         }
+    }
+}
+
+/// Kills a rank nobody tracks yet (its group: it leads one) and reaps it.
+fn kill_and_reap(pid: i32) {
+    crate::signals::killpg(pid, libc::SIGKILL);
+    let mut status = 0;
+    // SAFETY: waitpid on our own just-started child with a valid out-pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// Starts every request in order and hands each started rank to `accept` as soon as it runs;
+/// the first error stops the batch and is returned (the ranks already accepted are the
+/// caller's to stop).
+///
+/// Why a thread: posix_spawn copies the caller's whole fd table into the child, which closes
+/// it again before the exec (`closefrom`). A launcher holds two pipes and a pidfd per rank, so
+/// starting N ranks from it costs O(N²) in the kernel: about a quarter of the launch time of
+/// 1,024 no-op ranks (docs/benchmarks.md, D). The spawns run instead in a short-lived thread
+/// that unshares its fd table (unshare(2) CLONE_FILES) and keeps only a socket in it: each
+/// child copies a handful of fds, and the read ends come back to the shared table over
+/// SCM_RIGHTS. Ranks are still this process's children (any thread may wait for them; when
+/// the thread ends they pass to another thread of the process). Where unshare is refused (a
+/// seccomp profile) the thread spawns from the shared table, which is just slower.
+pub fn spawn_batch(reqs: &[SpawnRequest<'_>], mut accept: impl FnMut(Spawned)) -> CoreResult<()> {
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if reqs.len() <= 1 {
+        // One rank: a thread and a socket would cost more than the fd table.
+        for req in reqs {
+            accept(spawn(req)?);
+        }
+        return Ok(());
+    }
+    let (ours, theirs) =
+        socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).map_err(io::Error::from)?;
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel::<CoreResult<i32>>();
+    std::thread::scope(|scope| -> CoreResult<()> {
+        let (theirs, stop) = (&theirs, &stop);
+        std::thread::Builder::new()
+            .name("dslaunch-spawn".into())
+            .spawn_scoped(scope, move || spawner_thread(reqs, theirs, stop, tx))?;
+        let mut failure = None;
+        for started in rx {
+            let pid = match started {
+                Ok(pid) => pid,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    continue;
+                }
+            };
+            // The message for this pid is already in the socket: sent before the channel.
+            let fds = receive_fds(&ours);
+            if failure.is_some() {
+                kill_and_reap(pid); // started after we asked the thread to stop
+                continue;
+            }
+            let spawned = fds.and_then(|(out, err)| Ok(reap::pidfd_open(pid).map(|p| (p, out, err))?));
+            match spawned {
+                Ok((pidfd, stdout, stderr)) => accept(Spawned {
+                    pid,
+                    pidfd,
+                    stdout,
+                    stderr,
+                }),
+                Err(e) => {
+                    kill_and_reap(pid);
+                    stop.store(true, Ordering::Relaxed);
+                    failure = Some(e);
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    })
+}
+
+/// The spawning thread: a private fd table holding only its socket (and stdio), then each
+/// request in turn. Sends every rank's pipe read ends over `sock`, then its pid on `tx`.
+fn spawner_thread(
+    reqs: &[SpawnRequest<'_>],
+    sock: &OwnedFd,
+    stop: &std::sync::atomic::AtomicBool,
+    tx: std::sync::mpsc::Sender<CoreResult<i32>>,
+) {
+    // SAFETY: from here on this thread only uses fds it opens itself, plus `sock`, whose copy
+    // keeps its number in the private table; no fd of this table is handed to another thread
+    // except through SCM_RIGHTS, which installs a new one in the receiver's table.
+    if unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FILES) }.is_ok() {
+        let keep = sock.as_raw_fd() as libc::c_uint;
+        close_range(3, keep.saturating_sub(1));
+        close_range(keep + 1, libc::c_uint::MAX);
+    }
+    for req in reqs {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let sent = start_rank(req).and_then(|(pid, out, err)| {
+            let sent = set_nonblocking(&out)
+                .and_then(|()| set_nonblocking(&err))
+                .and_then(|()| send_fds(sock, pid, &out, &err));
+            match sent {
+                Ok(()) => Ok(pid),
+                Err(e) => {
+                    kill_and_reap(pid);
+                    Err(e.into())
+                }
+            }
+        });
+        let failed = sent.is_err();
+        if tx.send(sent).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// close_range(2) over [first, last], where first <= last; nothing to do otherwise. Errors
+/// (ENOSYS before Linux 5.9) only leave the private table bigger: a slower spawn, not a wrong one.
+fn close_range(first: libc::c_uint, last: libc::c_uint) {
+    if first <= last {
+        // SAFETY: close_range takes plain integers; it closes only this thread's private table.
+        unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+    }
+}
+
+fn send_fds(sock: &OwnedFd, pid: i32, out: &OwnedFd, err: &OwnedFd) -> io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let fds = [out.as_fd(), err.as_fd()];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    cmsg.push(SendAncillaryMessage::ScmRights(&fds));
+    let pid_bytes = pid.to_ne_bytes();
+    sendmsg(sock, &[io::IoSlice::new(&pid_bytes)], &mut cmsg, SendFlags::NOSIGNAL)?;
+    Ok(())
+}
+
+/// Receives one rank's two read ends. Too few fds (EMFILE in this table truncates the message)
+/// is EMFILE.
+fn receive_fds(sock: &OwnedFd) -> CoreResult<(OwnedFd, OwnedFd)> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let mut pid_bytes = [0u8; 4];
+    let msg = recvmsg(
+        sock,
+        &mut [io::IoSliceMut::new(&mut pid_bytes)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::with_capacity(2);
+    for m in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    let truncated = msg.flags.contains(ReturnFlags::CTRUNC);
+    match (fds.pop(), fds.pop()) {
+        (Some(err), Some(out)) if !truncated => Ok((out, err)),
+        _ => Err(io::Error::from_raw_os_error(libc::EMFILE).into()),
     }
 }
 
@@ -210,7 +372,7 @@ fn rank_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// posix_spawn with stdin on /dev/null, stdout/stderr on fresh pipes, its own process group,
 /// an empty signal mask, every signal at its default action and every other fd closed.
 /// `None` when this glibc cannot honour the cwd inside posix_spawn.
-fn posix_spawn_rank(program: &Path, req: &SpawnRequest<'_>) -> Option<CoreResult<Spawned>> {
+fn posix_spawn_rank(program: &Path, req: &SpawnRequest<'_>) -> Option<CoreResult<(i32, OwnedFd, OwnedFd)>> {
     static ADDCHDIR: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     static ADDCLOSEFROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let addchdir = glibc_fn(c"posix_spawn_file_actions_addchdir_np", &ADDCHDIR);
@@ -306,7 +468,7 @@ fn posix_spawn_rank(program: &Path, req: &SpawnRequest<'_>) -> Option<CoreResult
     if rc != 0 {
         return Some(Err(io_err(io::Error::from_raw_os_error(rc))));
     }
-    Some(finish_spawn(pid, out_r, err_r))
+    Some(Ok((pid, out_r, err_r)))
 }
 
 /// Sets O_NONBLOCK on our end of a pipe (never on a shared terminal or file).

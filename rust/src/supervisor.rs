@@ -288,44 +288,53 @@ impl Supervisor {
         let waker = Waker::new(poll.registry(), WAKER)?;
 
         let run_id_pair = (OsString::from(RUN_ID_VAR), OsString::from(&cfg.run_id));
+        let overrides: Vec<Vec<(OsString, OsString)>> = cfg
+            .ranks
+            .iter()
+            .map(|r| {
+                let mut o = r.env.clone();
+                o.push(run_id_pair.clone());
+                o
+            })
+            .collect();
+        let reqs: Vec<SpawnRequest<'_>> = cfg
+            .ranks
+            .iter()
+            .zip(&overrides)
+            .map(|(r, o)| SpawnRequest {
+                argv: &r.argv,
+                env: cfg.base_env.as_deref(),
+                env_overrides: o,
+                cwd: r.cwd.as_deref(),
+            })
+            .collect();
         let mut spawned = Vec::with_capacity(n);
         let mut ranks = Vec::with_capacity(n);
         let started_at = SystemTime::now();
-        for (i, r) in cfg.ranks.iter().enumerate() {
-            let mut overrides = r.env.clone();
-            overrides.push(run_id_pair.clone());
-            let req = SpawnRequest {
-                argv: &r.argv,
-                env: cfg.base_env.as_deref(),
-                env_overrides: &overrides,
-                cwd: r.cwd.as_deref(),
-            };
-            match spawn::spawn(&req) {
-                Ok(s) => {
-                    ranks.push(RankInfo {
-                        pid: s.pid,
-                        tag: r.tag.clone(),
-                        started_at: SystemTime::now(),
-                        ended_at: None,
-                        status: None,
-                        last_output_at: None,
-                        output_bytes: 0,
-                        output_lines: 0,
-                        stderr_tail: VecDeque::new(),
-                        log_error: None,
-                        last_line: Vec::new(),
-                    });
-                    spawned.push(s);
-                }
-                Err(e) => {
-                    abort_spawned(&spawned, marker.as_bytes());
-                    if let Some(mut g) = guard {
-                        g.finish();
-                    }
-                    let _ = i;
-                    return Err(e);
-                }
+        let batch = spawn::spawn_batch(&reqs, |s| {
+            ranks.push(RankInfo {
+                pid: s.pid,
+                tag: cfg.ranks[spawned.len()].tag.clone(),
+                started_at: SystemTime::now(),
+                ended_at: None,
+                status: None,
+                last_output_at: None,
+                output_bytes: 0,
+                output_lines: 0,
+                stderr_tail: VecDeque::new(),
+                log_error: None,
+                last_line: Vec::new(),
+            });
+            spawned.push(s);
+        });
+        drop(reqs);
+        drop(overrides);
+        if let Err(e) = batch {
+            abort_spawned(&spawned, marker.as_bytes());
+            if let Some(mut g) = guard {
+                g.finish();
             }
+            return Err(e);
         }
 
         // FIX (tests/test_core_scale.py::test_running_out_of_fds_fails_cleanly): every rank is

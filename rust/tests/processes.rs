@@ -210,6 +210,7 @@ fn null_fd() -> File {
 
 #[test]
 fn supervisor_writes_prefixed_lines_to_a_file() {
+    let _serial = serial();
     let id = unique_id("prefix");
     let path = temp_path("console");
     let console = File::create(&path).unwrap();
@@ -256,6 +257,7 @@ fn supervisor_writes_prefixed_lines_to_a_file() {
 
 #[test]
 fn supervisor_fails_fast_on_the_first_failure() {
+    let _serial = serial();
     let id = unique_id("failfast");
     let devnull = null_fd();
     let mut ranks: Vec<RankConfig> = (0..3)
@@ -291,5 +293,95 @@ fn supervisor_fails_fast_on_the_first_failure() {
         assert_eq!(st.ranks[r].status, Some(ExitStatus::Signal(libc::SIGTERM)), "rank {r}");
     }
     assert!(st.interrupted_by.is_none() && !st.stopped);
+    assert_nothing_left(&id);
+}
+
+/// Tests that start a batch (directly or through `Supervisor::start`) take this, so one test's
+/// spawning thread and socket pair are never counted by another.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How many sockets this process holds now (no other test here opens one).
+fn open_sockets() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// Threads of this process with this name.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}
+
+#[test]
+fn spawn_batch_starts_every_rank_with_its_own_pipes_and_leaks_nothing() {
+    let _serial = serial();
+    let id = unique_id("batch");
+    let sockets = open_sockets();
+    let argvs: Vec<Vec<OsString>> = (0..40)
+        .map(|i| sh(&format!("echo out{i}; echo err{i} >&2; ls /proc/self/fd | wc -l")))
+        .collect();
+    let overrides = [(os(RUN_ID_VAR), os(&id))];
+    let reqs: Vec<SpawnRequest<'_>> = argvs
+        .iter()
+        .map(|argv| SpawnRequest {
+            argv,
+            env: None,
+            env_overrides: &overrides,
+            cwd: None,
+        })
+        .collect();
+    let mut started = Vec::new();
+    spawn::spawn_batch(&reqs, |s| started.push(s)).expect("batch");
+    assert_eq!(started.len(), 40);
+    for (i, s) in started.iter().enumerate() {
+        assert_eq!(reap::reap_blocking(&s.pidfd).unwrap(), ExitStatus::Code(0));
+        // Each rank's own output on its own pipes, in request order; the rank sees only
+        // stdin/stdout/stderr (plus the fd `ls` opens on the directory).
+        assert_eq!(read_to_eof(&s.stdout), format!("out{i}\n4\n").into_bytes());
+        assert_eq!(read_to_eof(&s.stderr), format!("err{i}\n").into_bytes());
+    }
+    drop(started);
+    // The spawning thread and its socket pair are gone once the batch returns.
+    assert_eq!(threads_named("dslaunch-spawn"), 0);
+    assert_eq!(open_sockets(), sockets);
+    assert_nothing_left(&id);
+}
+
+#[test]
+fn spawn_batch_stops_at_the_first_failure_and_hands_over_what_started() {
+    let _serial = serial();
+    let id = unique_id("batchfail");
+    let good = sh("exec sleep 30");
+    let bad = vec![os("dslaunch-no-such-program-batch")];
+    let overrides = [(os(RUN_ID_VAR), os(&id))];
+    let req = |argv| SpawnRequest {
+        argv,
+        env: None,
+        env_overrides: &overrides,
+        cwd: None,
+    };
+    let reqs = vec![req(&good), req(&good), req(&good), req(&bad), req(&good)];
+    let mut started = Vec::new();
+    let err = spawn::spawn_batch(&reqs, |s| started.push(s)).expect_err("error");
+    assert!(
+        matches!(&err, _core::CoreError::Spawn { source, .. } if source.raw_os_error() == Some(libc::ENOENT)),
+        "{err:?}"
+    );
+    // The three before the bad one were handed over (the caller stops them); none after it ran.
+    assert_eq!(started.len(), 3);
+    for s in &started {
+        assert!(alive(s.pid));
+        _core::signals::killpg(s.pid, libc::SIGKILL);
+        reap::reap_blocking(&s.pidfd).unwrap();
+    }
     assert_nothing_left(&id);
 }

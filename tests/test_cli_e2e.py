@@ -189,9 +189,10 @@ def test_raw_output_and_console_ranks(tmp_path: Path) -> None:
 
 
 def test_cli_does_not_import_torch_on_the_way() -> None:
-    code = ('import runpy, sys\n'
-            "sys.argv = ['dslaunch', '--no_python', '--num_gpus', '1', '/bin/true']\n"
-            'try:\n    runpy.run_module("dslaunch", run_name="__main__")\n'
+    # In-process with explicit arguments: the command itself (no arguments) ends in os._exit.
+    code = ('import sys\n'
+            'from dslaunch.cli import main\n'
+            "try:\n    main(['--no_python', '--num_gpus', '1', '/bin/true'])\n"
             'except SystemExit as e:\n    assert e.code == 0, e.code\n'
             "print(sorted(m for m in ('torch', 'numpy', 'rich', 'psutil') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, check=False)

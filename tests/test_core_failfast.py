@@ -106,6 +106,39 @@ def test_failure_teardown_kills_escaped_grandchildren(tmp_path: Path, run_id: st
         assert elapsed < 5
 
 
+def test_escaped_grandchild_is_signalled_while_its_rank_lingers(tmp_path: Path, run_id: str) -> None:
+    """The first signal of a teardown reaches the rank groups at once and the descendants that
+    left them shortly after: a rank busy past SIGTERM (a long checkpoint) does not keep its
+    setsid'd helper waiting for the grace period."""
+    got, ready = tmp_path / 'got', tmp_path / 'ready'
+    helper = (f'import os, signal, time\n'
+              f'signal.signal(signal.SIGTERM, lambda *a: (open({str(got)!r}, "w").close(), os._exit(0)))\n'
+              f'open({str(ready)!r}, "w").close()\n'
+              f'time.sleep(60)\n')
+    rank = (f'import signal, subprocess, sys, time\n'
+            f'signal.signal(signal.SIGTERM, signal.SIG_IGN)\n'
+            f'subprocess.Popen([sys.executable, "-c", {helper!r}], start_new_session=True)\n'
+            f'time.sleep(60)\n')
+    ranks = [_core.RankSpec([PY, '-c', rank]), _core.RankSpec(['/bin/sh', '-c', f'{_wait_for_file(ready)}; exit 2'])]
+    sup = _core.Supervisor(ranks, run_id=run_id, grace_period=6.0, stdout_fd=_null())
+    sup.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists(), 'the helper never started'
+        t0 = time.monotonic()
+        while not got.exists() and time.monotonic() - t0 < 3:
+            time.sleep(0.01)
+        assert got.exists(), 'the escaped helper got no SIGTERM within 3 s of the failure'
+        assert sup.poll() is None, 'the lingering rank is still in its grace period'
+    finally:
+        report = sup.wait(timeout=30)
+    assert report is not None and report.returncode == 2
+    assert report.ranks[0].state == 'killed'
+    assert marked(f'DSLAUNCH_RUN_ID={run_id}') == []
+
+
 def test_successful_job_kills_what_it_left_running(tmp_path: Path, run_id: str) -> None:
     pidfile = tmp_path / 'tree.json'
     rank = _core.RankSpec([PY, str(HELPERS / 'tree.py'), str(pidfile), '--kinds', KINDS, '--exit', '0'])

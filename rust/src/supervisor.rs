@@ -567,7 +567,16 @@ struct Teardown {
     deadline: Instant,
     escalated: bool,
     rescan_at: Option<Instant>,
+    /// The signal the escaped descendants still have to get, and when (see `begin_teardown`).
+    sweep: Option<(i32, Instant)>,
+    started: Instant,
 }
+
+/// The escaped descendants of ranks that still run are looked for once no rank has exited for
+/// this long (ranks are still dying of the signal until then) ...
+const ESCAPEE_SWEEP_DELAY: Duration = Duration::from_millis(20);
+/// ... or this long after the teardown began, at the latest.
+const ESCAPEE_SWEEP_MAX_DELAY: Duration = Duration::from_secs(1);
 
 struct Loop {
     poll: Poll,
@@ -737,6 +746,7 @@ impl Loop {
         };
         if let Some(t) = &self.teardown {
             consider(if t.escalated { t.rescan_at } else { Some(t.deadline) });
+            consider(t.sweep.map(|(_, at)| at));
         }
         consider(self.drain_deadline);
         consider(self.console.next_deadline());
@@ -893,15 +903,14 @@ impl Loop {
             ranks,
             streams,
             console,
-            poll,
             tail_lines,
             keep_last_line,
             ..
         } = self;
         let s = &mut streams[stream];
-        if let Some(fd) = s.fd.take() {
-            let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
-        }
+        // Closing our only descriptor of the pipe takes it out of the epoll set too (no
+        // EPOLL_CTL_DEL needed); an event still queued for it finds `fd: None` and is skipped.
+        drop(s.fd.take());
         let rank = &mut ranks[r];
         let route = Route::new(
             r,
@@ -979,10 +988,14 @@ impl Loop {
             // Someone else reaped our child (a stray waitpid(-1)); the status is lost.
             Err(_) => ExitStatus::Code(-1),
         };
-        if let Some(fd) = self.ranks[r].pidfd.take() {
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
-        }
+        drop(self.ranks[r].pidfd.take()); // leaves the epoll set as it closes, like a stream
         self.alive -= 1;
+        if let Some(t) = self.teardown.as_mut() {
+            if let Some((_, at)) = t.sweep.as_mut() {
+                // Ranks are still dying of the signal: look for escapees once that stops.
+                *at = (Instant::now() + ESCAPEE_SWEEP_DELAY).min(t.started + ESCAPEE_SWEEP_MAX_DELAY);
+            }
+        }
         let rank = &mut self.ranks[r];
         rank.info.status = Some(status);
         rank.info.ended_at = Some(SystemTime::now());
@@ -1022,14 +1035,22 @@ impl Loop {
             }
             return;
         }
-        self.teardown = Some(Teardown {
-            deadline: Instant::now() + grace,
-            escalated: false,
-            rescan_at: None,
-        });
-        self.signal_job(sig);
         if sig == libc::SIGKILL || grace.is_zero() {
             self.escalate();
+        } else {
+            // The rank groups now; the escaped descendants (another group or session) once the
+            // ranks stop dying of it (ESCAPEE_SWEEP_DELAY), if some still run. Ranks killed leave their
+            // escapees re-parented to us, where the end-of-job sweep (`leftovers`) finds them
+            // without reading every process on the machine, so a quick teardown skips the scan.
+            let now = Instant::now();
+            self.teardown = Some(Teardown {
+                deadline: now + grace,
+                escalated: false,
+                rescan_at: None,
+                sweep: Some((sig, now + ESCAPEE_SWEEP_DELAY)),
+                started: now,
+            });
+            self.signal_groups(sig);
         }
         self.job_dirty = true;
     }
@@ -1038,22 +1059,37 @@ impl Loop {
         self.signal_job(libc::SIGKILL);
         if let Some(t) = self.teardown.as_mut() {
             t.escalated = true;
+            t.sweep = None;
             t.rescan_at = Some(Instant::now() + Duration::from_millis(100));
         } else {
             self.teardown = Some(Teardown {
                 deadline: Instant::now(),
                 escalated: true,
                 rescan_at: Some(Instant::now() + Duration::from_millis(100)),
+                sweep: None,
+                started: Instant::now(),
             });
         }
     }
 
+    /// `sig` to every live rank's group and to every descendant that left it.
     fn signal_job(&mut self, sig: i32) {
-        let live_groups: HashSet<i32> = self.ranks.iter().filter(|r| r.pidfd.is_some()).map(|r| r.pid).collect();
-        for &pgid in &live_groups {
+        self.signal_groups(sig);
+        self.signal_escapees(sig);
+    }
+
+    fn live_groups(&self) -> HashSet<i32> {
+        self.ranks.iter().filter(|r| r.pidfd.is_some()).map(|r| r.pid).collect()
+    }
+
+    fn signal_groups(&mut self, sig: i32) {
+        for pgid in self.live_groups() {
             signals::killpg(pgid, sig);
         }
-        for pid in self.job_escapees(&live_groups) {
+    }
+
+    fn signal_escapees(&mut self, sig: i32) {
+        for pid in self.job_escapees(&self.live_groups()) {
             signals::kill(pid, sig);
             self.watch_extra(pid);
         }
@@ -1097,6 +1133,40 @@ impl Loop {
             .collect()
     }
 
+    /// What of the job still runs once every rank is reaped. All of it is now our child (we
+    /// are a subreaper: a dead rank's orphans are re-parented to us) or descends from one, so
+    /// the walk starts from our own children, not from every process on the machine.
+    fn leftovers(&self) -> Vec<i32> {
+        let Some(children) = tree::children_of(self.my_pid) else {
+            return self.job_escapees(&HashSet::new()); // no children files: scan /proc
+        };
+        let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
+        let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);
+        let mut roots = Vec::new();
+        for pid in children {
+            if rank_pids.contains(&pid) || Some(pid) == guard_pid {
+                continue;
+            }
+            let Some(st) = tree::read_stat(pid) else { continue };
+            if st.is_dead() {
+                if rank_pids.contains(&st.pgrp) {
+                    reap::reap_zombie(pid);
+                }
+            } else if rank_pids.contains(&st.pgrp) || tree::has_marker(pid, &self.marker) {
+                roots.push(pid);
+            }
+        }
+        if roots.is_empty() {
+            return roots;
+        }
+        let below = match tree::walk_descendants(&roots) {
+            Some(found) => found.into_iter().filter(|p| !p.is_dead()).map(|p| p.pid).collect(),
+            None => return self.job_escapees(&HashSet::new()),
+        };
+        roots.extend::<Vec<i32>>(below);
+        roots
+    }
+
     fn watch_extra(&mut self, pid: i32) {
         if !self.extra_pids.insert(pid) {
             return;
@@ -1123,6 +1193,16 @@ impl Loop {
 
     fn check_deadlines(&mut self) {
         let now = Instant::now();
+        let Some(t) = self.teardown.as_mut() else { return };
+        if let Some((sig, at)) = t.sweep {
+            if now >= at || self.alive == 0 {
+                t.sweep = None;
+                if self.alive > 0 {
+                    self.signal_escapees(sig);
+                }
+                // else: every rank is reaped; `advance` sweeps what they left (`leftovers`).
+            }
+        }
         let Some(t) = self.teardown.as_ref() else { return };
         if !t.escalated && now >= t.deadline {
             self.escalate();
@@ -1148,7 +1228,7 @@ impl Loop {
         }
         if !self.swept_clean {
             // Every rank is reaped: whatever of the job still runs was left behind.
-            let leftovers = self.job_escapees(&HashSet::new());
+            let leftovers = self.leftovers();
             let teardown_active = self.teardown.is_some();
             if leftovers.is_empty() || !(self.kill_leftovers || teardown_active) {
                 self.swept_clean = true;
@@ -1163,6 +1243,8 @@ impl Loop {
                         deadline: Instant::now() + self.grace,
                         escalated: false,
                         rescan_at: None,
+                        sweep: None,
+                        started: Instant::now(),
                     });
                 }
                 for pid in leftovers {

@@ -76,6 +76,60 @@ pub fn snapshot() -> Vec<ProcStat> {
         .collect()
 }
 
+/// The children of every thread of process `pid` (`/proc/<pid>/task/*/children`: a child hangs
+/// below the thread that forked it). `None` if the process is gone or the kernel lacks
+/// CONFIG_PROC_CHILDREN.
+pub fn children_of(pid: i32) -> Option<Vec<i32>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let mut path = task.ok()?.path();
+        path.push("children");
+        buf.clear();
+        // A thread that exits meanwhile has no file any more; its children moved to another.
+        if fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut buf)).is_err() {
+            if !children_files_exist() {
+                return None;
+            }
+            continue;
+        }
+        out.extend(
+            buf.split(|b| b.is_ascii_whitespace())
+                .filter_map(|w| std::str::from_utf8(w).ok()?.parse::<i32>().ok()),
+        );
+    }
+    Some(out)
+}
+
+/// Whether this kernel has `/proc/<pid>/task/<tid>/children` (CONFIG_PROC_CHILDREN).
+fn children_files_exist() -> bool {
+    static EXISTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *EXISTS.get_or_init(|| fs::metadata("/proc/thread-self/children").is_ok())
+}
+
+/// Every descendant of `roots` (roots excluded) with its stat, found by walking down the
+/// children files: the cost follows the size of the trees, not the number of processes on the
+/// machine. `None` where the kernel has no children files (use `snapshot` and `descendants`).
+pub fn walk_descendants(roots: &[i32]) -> Option<Vec<ProcStat>> {
+    if !children_files_exist() {
+        return None;
+    }
+    let mut seen: HashSet<i32> = roots.iter().copied().collect();
+    let mut stack: Vec<i32> = roots.to_vec();
+    let mut out = Vec::new();
+    while let Some(pid) = stack.pop() {
+        for c in children_of(pid).unwrap_or_default() {
+            if seen.insert(c) {
+                if let Some(st) = read_stat(c) {
+                    out.push(st);
+                    stack.push(c);
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
 /// All descendants of `roots` in `procs` (roots excluded), found through parent links.
 pub fn descendants(procs: &[ProcStat], roots: &[i32]) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
@@ -265,6 +319,25 @@ mod tests {
         assert!(environ_has(env, b"DSLAUNCH_RUN_ID=abc"));
         assert!(!environ_has(env, b"DSLAUNCH_RUN_ID=ab"));
         assert!(!environ_has(env, b"RUN_ID=abc"));
+    }
+
+    #[test]
+    fn children_files_find_a_grandchild() {
+        let me = std::process::id() as i32;
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+        let grandchild: i32 = line.trim().parse().unwrap();
+        let sh = child.id() as i32;
+        assert!(children_of(me).unwrap().contains(&sh));
+        let found = walk_descendants(&[sh]).unwrap();
+        assert!(found.iter().any(|p| p.pid == grandchild && p.ppid == sh), "{found:?}");
+        signals::kill(grandchild, libc::SIGKILL);
+        child.wait().unwrap();
     }
 
     #[test]

@@ -1039,9 +1039,8 @@ impl Loop {
             self.escalate();
         } else {
             // The rank groups now; the escaped descendants (another group or session) once the
-            // ranks stop dying of it (ESCAPEE_SWEEP_DELAY), if some still run. Ranks killed leave their
-            // escapees re-parented to us, where the end-of-job sweep (`leftovers`) finds them
-            // without reading every process on the machine, so a quick teardown skips the scan.
+            // ranks stop dying of it (ESCAPEE_SWEEP_DELAY), if some still run. The escapees of
+            // ranks killed by then are re-parented to us, where the end-of-job sweep finds them.
             let now = Instant::now();
             self.teardown = Some(Teardown {
                 deadline: now + grace,
@@ -1102,7 +1101,7 @@ impl Loop {
     /// orphans re-parented to us (we are a subreaper) that carry the job's marker or still sit in
     /// a finished rank's group. Zombies among our adopted children are reaped on the way.
     fn job_escapees(&self, live_groups: &HashSet<i32>) -> Vec<i32> {
-        let procs = tree::snapshot();
+        let procs = self.job_procs().unwrap_or_else(tree::snapshot);
         let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
         let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);
         let mut roots: Vec<i32> = live_groups.iter().copied().collect();
@@ -1133,38 +1132,20 @@ impl Loop {
             .collect()
     }
 
-    /// What of the job still runs once every rank is reaped. All of it is now our child (we
-    /// are a subreaper: a dead rank's orphans are re-parented to us) or descends from one, so
-    /// the walk starts from our own children, not from every process on the machine.
-    fn leftovers(&self) -> Vec<i32> {
-        let Some(children) = tree::children_of(self.my_pid) else {
-            return self.job_escapees(&HashSet::new()); // no children files: scan /proc
-        };
-        let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
+    /// Our children and everything below the live ones, read by walking down the children
+    /// files: every process of the job descends from a live rank or, being a subreaper, from us,
+    /// so the cost follows the job (little once its ranks are gone), not the machine's process
+    /// count. `None` where the kernel has no children files.
+    fn job_procs(&self) -> Option<Vec<tree::ProcStat>> {
         let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);
-        let mut roots = Vec::new();
-        for pid in children {
-            if rank_pids.contains(&pid) || Some(pid) == guard_pid {
-                continue;
-            }
-            let Some(st) = tree::read_stat(pid) else { continue };
-            if st.is_dead() {
-                if rank_pids.contains(&st.pgrp) {
-                    reap::reap_zombie(pid);
-                }
-            } else if rank_pids.contains(&st.pgrp) || tree::has_marker(pid, &self.marker) {
-                roots.push(pid);
-            }
-        }
-        if roots.is_empty() {
-            return roots;
-        }
-        let below = match tree::walk_descendants(&roots) {
-            Some(found) => found.into_iter().filter(|p| !p.is_dead()).map(|p| p.pid).collect(),
-            None => return self.job_escapees(&HashSet::new()),
-        };
-        roots.extend::<Vec<i32>>(below);
-        roots
+        let mut procs: Vec<tree::ProcStat> = tree::children_of(self.my_pid)?
+            .into_iter()
+            .filter(|&pid| Some(pid) != guard_pid)
+            .filter_map(tree::read_stat)
+            .collect();
+        let live: Vec<i32> = procs.iter().filter(|p| !p.is_dead()).map(|p| p.pid).collect();
+        procs.extend(tree::walk_descendants(&live)?);
+        Some(procs)
     }
 
     fn watch_extra(&mut self, pid: i32) {
@@ -1228,7 +1209,7 @@ impl Loop {
         }
         if !self.swept_clean {
             // Every rank is reaped: whatever of the job still runs was left behind.
-            let leftovers = self.leftovers();
+            let leftovers = self.job_escapees(&HashSet::new());
             let teardown_active = self.teardown.is_some();
             if leftovers.is_empty() || !(self.kill_leftovers || teardown_active) {
                 self.swept_clean = true;

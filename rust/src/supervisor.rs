@@ -1138,14 +1138,34 @@ impl Loop {
     /// count. `None` where the kernel has no children files.
     fn job_procs(&self) -> Option<Vec<tree::ProcStat>> {
         let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);
-        let mut procs: Vec<tree::ProcStat> = tree::children_of(self.my_pid)?
-            .into_iter()
-            .filter(|&pid| Some(pid) != guard_pid)
-            .filter_map(tree::read_stat)
-            .collect();
-        let live: Vec<i32> = procs.iter().filter(|p| !p.is_dead()).map(|p| p.pid).collect();
-        procs.extend(tree::walk_descendants(&live)?);
+        let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
+        // The ranks need no stat: we know they lead their groups and whether they were reaped.
+        // (Reading /proc/<pid> of a child also makes reaping it dearer: its dentries must go.)
+        let mut roots: Vec<i32> = self.live_groups().into_iter().collect();
+        let mut procs = Vec::new();
+        for pid in tree::children_of(self.my_pid)? {
+            if rank_pids.contains(&pid) || Some(pid) == guard_pid {
+                continue;
+            }
+            if let Some(st) = tree::read_stat(pid) {
+                if !st.is_dead() {
+                    roots.push(pid);
+                }
+                procs.push(st);
+            }
+        }
+        procs.extend(tree::walk_descendants(&roots)?);
         Some(procs)
+    }
+
+    /// Reaps every rank that has exited whose event is still queued; returns how many. The
+    /// loop can lag behind the exits when dying ranks take both cores.
+    fn reap_exited(&mut self) -> usize {
+        let before = self.alive;
+        for r in 0..self.n() {
+            self.reap_rank(r);
+        }
+        before - self.alive
     }
 
     fn watch_extra(&mut self, pid: i32) {
@@ -1174,14 +1194,16 @@ impl Loop {
 
     fn check_deadlines(&mut self) {
         let now = Instant::now();
-        let Some(t) = self.teardown.as_mut() else { return };
-        if let Some((sig, at)) = t.sweep {
-            if now >= at || self.alive == 0 {
-                t.sweep = None;
+        if let Some((sig, at)) = self.teardown.as_ref().and_then(|t| t.sweep) {
+            // No rank left (`advance` sweeps what they left), or none died for a while: that
+            // is, none that the queued events or a direct look (`reap_exited`) show.
+            if self.alive == 0 || (now >= at && self.reap_exited() == 0) {
+                if let Some(t) = self.teardown.as_mut() {
+                    t.sweep = None;
+                }
                 if self.alive > 0 {
                     self.signal_escapees(sig);
                 }
-                // else: every rank is reaped; `advance` sweeps what they left (`leftovers`).
             }
         }
         let Some(t) = self.teardown.as_ref() else { return };

@@ -11,7 +11,10 @@ DeepSpeed accepts parses identically, and every prefix error reads the same.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ['CompatArgumentParser']
 

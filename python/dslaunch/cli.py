@@ -11,11 +11,13 @@ import gc
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
 
 from dslaunch.errors import DslaunchError
 
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
+    from typing import NoReturn
+
     from dslaunch import runner as runner_mod
 
 PROG = 'dslaunch'
@@ -173,7 +175,25 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = e.exit_code
     except KeyboardInterrupt:
         code = 130
-    # The job is over: skip the interpreter's final garbage collection of every object the CLI
-    # made (about 10 ms, measured in docs/benchmarks.md); exit handlers and flushes still run.
+    if argv is None:
+        _exit_command(code)
+    # Called in-process with explicit arguments: a normal exit, minus the final garbage
+    # collection of every object the CLI made (about 10 ms, measured in docs/benchmarks.md).
     gc.freeze()
     sys.exit(code)
+
+
+def _exit_command(code: int) -> NoReturn:
+    """Ends the `dslaunch` command once the job is over: exit handlers and stdio flushes run as
+    at any exit, but not the interpreter's teardown of every module and object (3-20 ms, more
+    with more ranks: docs/benchmarks.md), which is on the path of every failure and teardown the
+    launcher reports. Only for the command itself: a caller's in-process use exits normally."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed console: nothing more can be said on it
+            pass
+    os._exit(code)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import Callable, Mapping
 
 __all__ = ['VISIBLE_DEVICES_VAR', 'DeviceId', 'gpu_count', 'nvidia_smi_gpu_lines', 'visible_devices']
@@ -19,8 +17,9 @@ __all__ = ['VISIBLE_DEVICES_VAR', 'DeviceId', 'gpu_count', 'nvidia_smi_gpu_lines
 VISIBLE_DEVICES_VAR = 'CUDA_VISIBLE_DEVICES'
 DeviceId = int | str
 
-_INDEX = re.compile(r'[0-9]+')
-_UUID = re.compile(r'(?:GPU|MIG)-\S+')
+# Compiled on first use (re caches them), not at import: most launches set no CUDA_VISIBLE_DEVICES.
+_INDEX = r'[0-9]+'
+_UUID = r'(?:GPU|MIG)-\S+'
 
 
 def visible_devices(environ: Mapping[str, str] | None = None) -> list[DeviceId] | None:
@@ -36,9 +35,9 @@ def visible_devices(environ: Mapping[str, str] | None = None) -> list[DeviceId] 
     devices: list[DeviceId] = []
     for entry in value.split(','):
         entry = entry.strip()
-        if _INDEX.fullmatch(entry):
+        if re.fullmatch(_INDEX, entry):
             devices.append(int(entry))
-        elif _UUID.fullmatch(entry):
+        elif re.fullmatch(_UUID, entry):
             devices.append(entry)
         else:
             break
@@ -47,9 +46,14 @@ def visible_devices(environ: Mapping[str, str] | None = None) -> list[DeviceId] 
 
 def nvidia_smi_gpu_lines(timeout: float = 5.0) -> list[str] | None:
     """The ``GPU n: ...`` lines of ``nvidia-smi -L``; ``None`` if it is missing or fails."""
+    # Imported here, not on the CLI start path: a GPU machine is counted from /proc, not by this.
+    import shutil
+
     smi = shutil.which('nvidia-smi')
     if smi is None:
         return None
+    import subprocess
+
     try:
         out = subprocess.run([smi, '-L'], capture_output=True, text=True, timeout=timeout, check=True)
     except (OSError, subprocess.SubprocessError):

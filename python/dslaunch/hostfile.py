@@ -11,12 +11,15 @@ text has its control characters escaped (``errors.printable``) so every message 
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from .errors import HostfileError, ResourceFilterError, printable
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
+if TYPE_CHECKING:
+    import logging
 
 __all__ = [
     'MAX_SLOTS_PER_HOST',
@@ -30,14 +33,13 @@ __all__ = [
     'parse_resource_filter',
 ]
 
-logger = logging.getLogger(__name__)
-
 # A slot is a device id: an int, or (CUDA_VISIBLE_DEVICES UUID entries) a string.
 Slot = int | str
 SlotList = Sequence[Slot]
 
-# `host slots=N`; \S, \s and \d are Unicode-aware exactly as in DeepSpeed's `re.search`.
-_HOST_LINE = re.compile(r'^(\S+)\s+slots=(\d+)')
+# `host slots=N`; \S, \s and \d are Unicode-aware exactly as in DeepSpeed's `re.search`. Compiled on
+# first use (re caches it), not at import: most launches have no hostfile.
+_HOST_LINE = r'^(\S+)\s+slots=(\d+)'
 
 # Slot lists are built in memory; beyond this a host cannot be launched anyway, and
 # materialising ``range(10**19)`` would only end in MemoryError.
@@ -49,6 +51,13 @@ _DUPLICATE = 'Hostfile contains multiple entries for {}, unable to proceed with 
 _EMPTY = 'Hostfile is empty or not formatted correctly, unable to proceed with launching.'
 
 
+def _logger() -> logging.Logger:
+    # logging is imported when something is logged, not on the CLI start path (it costs ~5 ms).
+    import logging
+
+    return logging.getLogger(__name__)
+
+
 def fetch_hostfile(path: str | os.PathLike[str], *, warn: bool = True) -> dict[str, int] | None:
     """Read an MPI-style hostfile into ``{host: slots}`` (file order).
 
@@ -58,7 +67,7 @@ def fetch_hostfile(path: str | os.PathLike[str], *, warn: bool = True) -> dict[s
     """
     if not os.path.isfile(path):
         if warn:
-            logger.warning(NO_HOSTFILE, os.fspath(path))
+            _logger().warning(NO_HOSTFILE, os.fspath(path))
         return None
     try:
         with open(path, encoding='utf-8') as f:  # universal newlines, like DeepSpeed's readlines()
@@ -85,7 +94,7 @@ def parse_hostfile_lines(lines: Iterable[str]) -> dict[str, int]:
         line = raw_line.strip()
         if not line or line.startswith('#'):  # comments only as whole lines
             continue
-        match = _HOST_LINE.search(line)
+        match = re.search(_HOST_LINE, line)
         if match is None:
             _log_bad_hostfile(raw)
             raise HostfileError(_BAD_ENTRY.format(printable(line)))
@@ -102,7 +111,7 @@ def parse_hostfile_lines(lines: Iterable[str]) -> dict[str, int]:
 
 def _log_bad_hostfile(lines: list[str]) -> None:
     # Debug only: the raised error is the one line the user sees (DeepSpeed logs this at ERROR).
-    logger.debug('Rejected hostfile contents: %r', lines)
+    _logger().debug('Rejected hostfile contents: %r', lines)
 
 
 def parse_node_config_list(spec: str) -> dict[str, list[int]]:
@@ -169,7 +178,7 @@ def parse_resource_filter(
                 continue
             removed = set(slots)
             _check_size(host, _size(host_info[host]))
-            logger.debug('excluding slots %s of %s', slots, host)
+            _logger().debug('excluding slots %s of %s', slots, host)
             chosen[host] = [s for s in host_info[host] if s not in removed]
 
     result: dict[str, SlotList] = {}

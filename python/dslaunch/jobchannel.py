@@ -19,12 +19,14 @@ connection without the token is dropped, so two jobs never act on each other.
 from __future__ import annotations
 
 import json
-import secrets
 import selectors
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 REPORT_TO_ENV = 'DSLAUNCH_REPORT_TO'
 TOKEN_ENV = 'DSLAUNCH_JOB_TOKEN'
@@ -53,6 +55,10 @@ class JobServer:
     """The runner's end: accepts the launchers, collects failures, broadcasts stops."""
 
     def __init__(self, on_failure: Callable[[dict[str, Any]], None] | None = None) -> None:
+        # secrets (hmac, OpenSSL: ~5 ms) is imported here, by the runner: every per-node launcher
+        # and rank helper imports this module too, for its client, which needs no token of its own.
+        import secrets
+
         self.token = secrets.token_hex(16)
         self.first_failure: dict[str, Any] | None = None
         self.done: dict[int, int] = {}
@@ -155,6 +161,8 @@ class JobServer:
         with self._lock:
             node = self._clients.get(sock)
         if node is None:
+            import secrets
+
             if msg.get('t') != 'hello' or not secrets.compare_digest(str(msg.get('token', '')), self.token):
                 return False
             with self._lock:

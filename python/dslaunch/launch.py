@@ -13,12 +13,16 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from .argparse_compat import CompatArgumentParser
 from .errors import UsageError, WorldInfoError, printable
-from .numa import Topology, get_numactl_cmd
 from .world_info import NONE_SENTINEL, decode_world_info
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .numa import Topology
 
 __all__ = [
     'RankPlan',
@@ -167,6 +171,8 @@ def rank_plans(
         env = dict(shared, RANK=str(rank), LOCAL_RANK=str(local_rank))
         prefix: list[str] = []
         if getattr(args, 'bind_cores_to_rank', False):
+            from .numa import get_numactl_cmd  # only for core binding: not on the CLI start path
+
             cores_per_rank, prefix = get_numactl_cmd(
                 getattr(args, 'bind_core_list', None), n_local, local_rank, topology=topology, environ=environ
             )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from collections.abc import Mapping
 
 from .devices import gpu_count
@@ -31,6 +30,8 @@ class SystemProbes:
         return gpu_count(self.environ)
 
     def ssh_reachable(self, host: str, port: int | None) -> bool:
+        import subprocess  # only multi-node jobs run ssh: not imported on the CLI start path
+
         cmd = ['ssh', '-o', 'PasswordAuthentication=no', '-o', f'ConnectTimeout={SSH_CONNECT_TIMEOUT}',
                *_port_args(port), host, 'hostname']  # fmt: skip
         try:
@@ -47,6 +48,8 @@ class SystemProbes:
         return done.returncode == 0
 
     def hostname_i(self, host: str, port: int | None) -> str:
+        import subprocess
+
         cmd = ['ssh', '-o', f'ConnectTimeout={SSH_CONNECT_TIMEOUT}', *_port_args(port), host, 'hostname', '-I']
         try:
             done = subprocess.run(

@@ -6,9 +6,11 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, TextIO
 
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
+    from typing import TextIO
+
     from dslaunch._core import RankResult, Report
     from dslaunch.hang import Hang
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
 
 from .argparse_compat import CompatArgumentParser
 from .devices import VISIBLE_DEVICES_VAR, DeviceId, visible_devices
@@ -32,6 +30,12 @@ from .errors import (
 )
 from .hostfile import MAX_SLOTS_PER_HOST, NO_HOSTFILE, fetch_hostfile, parse_inclusion_exclusion, parse_resource_filter
 from .world_info import encode_world_info
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any, Literal, Protocol
+else:
+    Protocol = object  # at run time `Probes` is a plain class: only the type checker uses it as a protocol
 
 __all__ = [
     'LAUNCHERS',
@@ -171,27 +175,21 @@ class Probes(Protocol):
 
     def device_count(self) -> int:
         """GPUs on this machine (0 on a CPU-only host)."""
-        ...
 
     def ssh_reachable(self, host: str, port: int | None) -> bool:
         """True if ``ssh host hostname`` works without a password."""
-        ...
 
     def hostname_i(self, host: str, port: int | None) -> str:
         """Output of ``ssh host hostname -I``."""
-        ...
 
     def backend_exists(self, name: str) -> bool:
         """True if the backend's tools (pdsh, mpirun, srun, ...) are installed."""
-        ...
 
     def port_free(self, addr: str, port: int) -> bool:
         """True if a rendezvous server could listen on ``port`` here."""
-        ...
 
     def free_port(self) -> int:
         """A TCP port that is free on this machine right now."""
-        ...
 
 
 @dataclass
@@ -441,6 +439,8 @@ def shell_line(cmd: Sequence[str], env: Mapping[str, str], base: Mapping[str, st
     """``cmd`` as one shell line that runs it with ``env`` from a shell whose environment is ``base``:
     ``K=V ... cmd`` for what was set or changed, ``env -u K ... K=V ... cmd`` when something was removed.
     Every word is shell-quoted (``--dry_run`` prints it to be pasted)."""
+    import shlex
+
     from .backends.quoting import is_shell_name
 
     changed = [f'{k}={v}' for k, v in env.items() if base.get(k) != v]
@@ -456,6 +456,8 @@ def backend_runner_command(p: Plan) -> tuple[list[str], Any]:
     """The backend command and the backend object (for its kill command and cleanup)."""
     if p.mode != 'multinode' or p.backend is None:
         raise ValueError('backend_command needs a multinode plan')
+    from typing import cast
+
     from .backends import make_runner  # lazy: only multi-node jobs need the backends
 
     runner = make_runner(p.backend, p.args, p.world_info, p.resource_pool)

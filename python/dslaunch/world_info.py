@@ -13,9 +13,12 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from .errors import WorldInfoError, printable
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ['NONE_SENTINEL', 'decode_world_info', 'encode_world_info']
 

@@ -6,27 +6,25 @@
 //! rank) and it only reaches direct children, not grandchildren; a cgroup needs someone alive to
 //! write `cgroup.kill`. So each supervisor starts one tiny `/bin/sh` (about 1 MB) in its own
 //! process group, holding the read end of a pipe whose write end only the launcher has
-//! (close-on-exec, so ranks never inherit it). When the supervisor finishes it writes `done`;
-//! EOF without `done` means the launcher died, and the guard SIGKILLs every process whose
+//! (close-on-exec, so ranks never inherit it). When the supervisor finishes it SIGKILLs the
+//! guard; EOF on the pipe means the launcher died, and the guard SIGKILLs every process whose
 //! environment carries the job's marker (`DSLAUNCH_RUN_ID=<id>`, given to every rank and
 //! inherited by their descendants, setsid or not), scanning /proc until none is left.
 //! It costs one posix_spawn per job and nothing per rank.
 
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 
-/// The guard's script. `$1` is the marker entry. `read` returns non-zero on EOF; `grep -z`
-/// reads the NUL-separated environ files, `-x` matches a whole entry.
+/// The guard's script. `$1` is the marker entry. `read` returns non-zero on EOF (nothing is
+/// ever written: a clean end kills the guard); `grep -z` reads the NUL-separated environ
+/// files, `-x` matches a whole entry.
 ///
 /// FIX (tests/test_core_orphans.py::test_guard_catches_processes_in_the_middle_of_execve): it
 /// used to exit on the first scan that found nothing, but a process inside execve(2) shows an
 /// empty environ for a moment, so one caught there escaped (2 in 10 for a rank that re-execs
 /// itself). Now only five empty scans in a row, 10 ms apart, end it.
 const SCRIPT: &str = r#"
-while IFS= read -r line; do
-  [ "$line" = done ] && exit 0
-done
+while IFS= read -r line; do :; done
 i=0
 quiet=0
 while [ $i -lt 100 ]; do
@@ -77,12 +75,13 @@ impl Watchdog {
         self.child.id()
     }
 
-    /// Tells the guard the job ended cleanly, and reaps it.
+    /// Ends the guard (the job ended cleanly) and reaps it. SIGKILL before the pipe closes, so
+    /// the guard never sees the EOF; quicker than a line it would have to read (a shell reads a
+    /// byte at a time), and this is on the path of every job's end.
     pub fn finish(&mut self) {
         if let Some(pipe) = self.pipe.take() {
-            let mut f = std::fs::File::from(pipe);
-            let _ = f.write_all(b"done\n");
-            drop(f);
+            crate::signals::kill(self.child.id() as i32, libc::SIGKILL);
+            drop(pipe);
             let _ = self.child.wait();
         }
     }

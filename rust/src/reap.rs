@@ -87,3 +87,16 @@ pub fn reap_zombie(pid: i32) -> bool {
     // SAFETY: waitpid with WNOHANG on a specific pid only touches that child; `status` is a valid out-pointer.
     unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
 }
+
+/// Reaps every exited child of ours in process group `pgid`; returns how many. One waitid per
+/// zombie and one more, with no /proc reads.
+pub fn reap_group_zombies(pgid: i32) -> usize {
+    let Some(pgid) = Pid::from_raw(pgid) else { return 0 };
+    let mut reaped = 0;
+    while let Ok(Some(_)) =
+        rustix::process::waitid(WaitId::Pgid(Some(pgid)), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)
+    {
+        reaped += 1;
+    }
+    reaped
+}

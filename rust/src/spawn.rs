@@ -239,16 +239,16 @@ pub fn spawn_batch(reqs: &[SpawnRequest<'_>], mut accept: impl FnMut(Spawned)) -
                 kill_and_reap(pid); // started after we asked the thread to stop
                 continue;
             }
-            let spawned = fds.and_then(|(out, err)| Ok(reap::pidfd_open(pid).map(|p| (p, out, err))?));
-            match spawned {
-                Ok((pidfd, stdout, stderr)) => accept(Spawned {
-                    pid,
-                    pidfd,
-                    stdout,
-                    stderr,
-                }),
+            let spawned = match fds {
+                Ok((out, err)) => finish_spawn(pid, out, err), // kills and reaps on failure
                 Err(e) => {
                     kill_and_reap(pid);
+                    Err(e)
+                }
+            };
+            match spawned {
+                Ok(s) => accept(s),
+                Err(e) => {
                     stop.store(true, Ordering::Relaxed);
                     failure = Some(e);
                 }
@@ -278,16 +278,11 @@ fn spawner_thread(
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let sent = start_rank(req).and_then(|(pid, out, err)| {
-            let sent = set_nonblocking(&out)
-                .and_then(|()| set_nonblocking(&err))
-                .and_then(|()| send_fds(sock, pid, &out, &err));
-            match sent {
-                Ok(()) => Ok(pid),
-                Err(e) => {
-                    kill_and_reap(pid);
-                    Err(e.into())
-                }
+        let sent = start_rank(req).and_then(|(pid, out, err)| match send_fds(sock, pid, &out, &err) {
+            Ok(()) => Ok(pid),
+            Err(e) => {
+                kill_and_reap(pid);
+                Err(e.into())
             }
         });
         let failed = sent.is_err();

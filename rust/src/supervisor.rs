@@ -1101,6 +1101,14 @@ impl Loop {
     /// orphans re-parented to us (we are a subreaper) that carry the job's marker or still sit in
     /// a finished rank's group. Zombies among our adopted children are reaped on the way.
     fn job_escapees(&self, live_groups: &HashSet<i32>) -> Vec<i32> {
+        if live_groups.is_empty() {
+            // Every rank is reaped, so nothing in a rank's group is a rank whose exit its pidfd
+            // must see: reap the exited descendants re-parented to us by group, without the
+            // /proc read per zombie below (which also makes its reaping dearer).
+            for r in &self.ranks {
+                reap::reap_group_zombies(r.pid);
+            }
+        }
         let procs = self.job_procs().unwrap_or_else(tree::snapshot);
         let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
         let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);

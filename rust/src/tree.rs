@@ -341,6 +341,42 @@ mod tests {
     }
 
     #[test]
+    fn walk_finds_what_the_whole_proc_scan_finds() {
+        // A tree three levels deep with a setsid branch: the walk down the children files (the
+        // sweeps' fast path) must see exactly the descendants the /proc scan (the fallback) sees.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                "sh -c 'sleep 30 & sleep 30 & wait' & setsid sh -c 'sleep 30 & wait' & sleep 30 & echo go; wait",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+        let root = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (walked, scanned) = loop {
+            // Wait until the grandchildren have forked too (6 descendants: 2 sh, 4 sleep).
+            let mut walked: Vec<i32> = walk_descendants(&[root]).unwrap().iter().map(|p| p.pid).collect();
+            let mut scanned = descendants(&snapshot(), &[root]);
+            walked.sort_unstable();
+            scanned.sort_unstable();
+            if (walked.len() == 6 && walked == scanned) || Instant::now() > deadline {
+                break (walked, scanned);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for pid in &scanned {
+            signals::kill(*pid, libc::SIGKILL);
+        }
+        signals::kill(root, libc::SIGKILL);
+        child.wait().unwrap();
+        assert_eq!(walked.len(), 6, "{walked:?}");
+        assert_eq!(walked, scanned);
+    }
+
+    #[test]
     fn snapshot_sees_this_process() {
         let me = std::process::id() as i32;
         let procs = snapshot();

@@ -189,12 +189,15 @@ def test_raw_output_and_console_ranks(tmp_path: Path) -> None:
 
 
 def test_cli_does_not_import_torch_on_the_way() -> None:
+    """A local job's start imports neither torch and friends nor the standard modules kept off
+    the start path for speed (docs/benchmarks.md, fix 7): a regression there shows here."""
     # In-process with explicit arguments: the command itself (no arguments) ends in os._exit.
+    heavy = ('torch', 'numpy', 'rich', 'psutil', 'typing', 'logging', 'uuid', 'secrets', 'hmac')
     code = ('import sys\n'
             'from dslaunch.cli import main\n'
             "try:\n    main(['--no_python', '--num_gpus', '1', '/bin/true'])\n"
             'except SystemExit as e:\n    assert e.code == 0, e.code\n'
-            "print(sorted(m for m in ('torch', 'numpy', 'rich', 'psutil') if m in sys.modules))\n")
+            f'print(sorted(m for m in {heavy!r} if m in sys.modules))\n')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == '[]'

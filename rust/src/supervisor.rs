@@ -1109,7 +1109,7 @@ impl Loop {
                 reap::reap_group_zombies(r.pid);
             }
         }
-        let procs = self.job_procs().unwrap_or_else(tree::snapshot);
+        let procs = self.job_procs(live_groups).unwrap_or_else(tree::snapshot);
         let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
         let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);
         let mut roots: Vec<i32> = live_groups.iter().copied().collect();
@@ -1144,12 +1144,12 @@ impl Loop {
     /// files: every process of the job descends from a live rank or, being a subreaper, from us,
     /// so the cost follows the job (little once its ranks are gone), not the machine's process
     /// count. `None` where the kernel has no children files.
-    fn job_procs(&self) -> Option<Vec<tree::ProcStat>> {
+    fn job_procs(&self, live_groups: &HashSet<i32>) -> Option<Vec<tree::ProcStat>> {
         let guard_pid = self.guard.as_ref().map(|g| g.pid() as i32);
         let rank_pids: HashSet<i32> = self.ranks.iter().map(|r| r.pid).collect();
         // The ranks need no stat: we know they lead their groups and whether they were reaped.
         // (Reading /proc/<pid> of a child also makes reaping it dearer: its dentries must go.)
-        let mut roots: Vec<i32> = self.live_groups().into_iter().collect();
+        let mut roots: Vec<i32> = live_groups.iter().copied().collect();
         let mut procs = Vec::new();
         for pid in tree::children_of(self.my_pid)? {
             if rank_pids.contains(&pid) || Some(pid) == guard_pid {
@@ -1665,14 +1665,7 @@ fn write_ranges(out: &mut Vec<u8>, nums: &[u64]) {
 const COLLAPSE_MAX_HELD: usize = 4 << 20;
 
 fn push_tail(tail: &mut VecDeque<Vec<u8>>, seg: &[u8], limit: usize) {
-    let mut line = seg;
-    while let Some((&last, rest)) = line.split_last() {
-        if last == b'\n' || last == b'\r' {
-            line = rest;
-        } else {
-            break;
-        }
-    }
+    let line = strip_ending(seg);
     if tail.len() >= limit {
         if let Some(mut old) = tail.pop_front() {
             old.clear();

@@ -203,6 +203,29 @@ def test_cli_does_not_import_torch_on_the_way() -> None:
     assert out.stdout.strip().splitlines()[-1] == '[]'
 
 
+
+@pytest.mark.parametrize('command', [True, False])
+def test_command_exit_runs_handlers_and_leaves_the_job_objects_to_the_exit(command: bool) -> None:
+    """The commands end with `command_exit.exit_now`: exit handlers run and buffered output is
+    flushed, and the objects a job left (`leave_to_exit`) are not freed one by one on the way.
+    Without `will_exit` (an in-process caller) nothing is kept."""
+    code = ('import atexit, sys\n'
+            'from dslaunch import command_exit\n'
+            'class Noisy:\n'
+            '    def __del__(self):\n'
+            "        sys.stdout.write('freed;')\n"
+            f'if {command}:\n'
+            '    command_exit.will_exit()\n'
+            'def job():\n'
+            '    command_exit.leave_to_exit(Noisy())\n'
+            'job()\n'
+            "atexit.register(lambda: sys.stdout.write('handler;'))\n"
+            "sys.stdout.write('buffered;')\n"
+            'command_exit.exit_now(3)\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == ('buffered;handler;' if command else 'freed;buffered;handler;')
+
 # ---- bad input: one clear line on stderr, a non-zero exit, nothing started --------------------
 
 def hostfile(tmp_path: Path, text: str) -> str:

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from dslaunch import command_exit
 from dslaunch.errors import DslaunchError
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
@@ -158,6 +159,8 @@ def run_multinode(plan: runner_mod.Plan) -> int:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        command_exit.will_exit()
     # `dslaunch stacks <job>`; a script named `stacks` in this directory still runs as a script
     if args[:1] == ['stacks'] and not os.path.isfile('stacks'):
         from dslaunch.stacks import main as stacks_main
@@ -176,24 +179,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except KeyboardInterrupt:
         code = 130
     if argv is None:
-        _exit_command(code)
+        command_exit.exit_now(code)
     # Called in-process with explicit arguments: a normal exit, minus the final garbage
     # collection of every object the CLI made (about 10 ms, measured in docs/benchmarks.md).
     gc.freeze()
     sys.exit(code)
-
-
-def _exit_command(code: int) -> NoReturn:
-    """Ends the `dslaunch` command once the job is over: exit handlers and stdio flushes run as
-    at any exit, but not the interpreter's teardown of every module and object (3-20 ms, more
-    with more ranks: docs/benchmarks.md), which is on the path of every failure and teardown the
-    launcher reports. Only for the command itself: a caller's in-process use exits normally."""
-    import atexit
-
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed console: nothing more can be said on it
-            pass
-    os._exit(code)

@@ -228,4 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from dslaunch import command_exit
+
+    command_exit.will_exit()
+    command_exit.exit_now(main())

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from dslaunch import _core, jobchannel
     from dslaunch.hang import HangWatch
 
+from dslaunch import command_exit
 from dslaunch.errors import DslaunchError, UsageError
 
 #: Console prefix of every rank line: `[3]: loss=0.5`.
@@ -195,6 +196,7 @@ def run_plans(
             write_json(report, report_json, hangs=hangs, returncode=returncode)
         except OSError as e:
             print(f'dslaunch: cannot write --report_json {report_json}: {e.strerror}', file=sys.stderr)
+    command_exit.leave_to_exit(plans, specs, overrides, sup, report, environ)
     return returncode
 
 

@@ -82,8 +82,13 @@ def render(report: Report, *, host: str | None = None, hangs: Sequence[Hang] = (
     elif report.stopped:
         lines.append(f'dslaunch: stopped{where} after {wall:.1f} s')
     groups: dict[str, list[str]] = {}
+    said: dict[tuple[str, int | None, int | None], str] = {}  # describe() once per kind of end, not per rank
     for r in report.ranks:
-        groups.setdefault(describe(r), []).append(r.tag)
+        key = (r.state, r.signal, r.returncode)
+        what = said.get(key)
+        if what is None:
+            what = said[key] = describe(r)
+        groups.setdefault(what, []).append(r.tag)
     lines.append('dslaunch: ' + '; '.join(f'{_label(tags)}: {what}' for what, tags in groups.items()))
     if cause is not None and cause.stderr_tail:
         lines.append(f'dslaunch: last stderr lines of rank {cause.tag}:')

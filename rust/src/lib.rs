@@ -3,6 +3,7 @@
 //! Only this file, `py.rs` and `error.rs` know PyO3; everything else is plain Rust that
 //! `cargo test` reaches through the rlib.
 
+pub mod closer;
 pub mod error;
 pub mod logmux;
 pub mod reap;

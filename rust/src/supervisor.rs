@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::closer::{self, Closer};
 use crate::error::{CoreError, CoreResult};
 use crate::logmux::{format_tags, Collapser, Ending, HeldLine, LineSplitter, Sink, HIGH_WATER};
 use crate::reap::{self, ExitStatus};
@@ -611,6 +612,7 @@ struct Loop {
     buf: Vec<u8>,
     guard: Option<Watchdog>,
     my_pid: i32,
+    closer: Closer,
 }
 
 impl Loop {
@@ -696,6 +698,7 @@ impl Loop {
             buf: vec![0; 64 * 1024],
             guard,
             my_pid: std::process::id() as i32,
+            closer: Closer::new(n >= closer::MIN_RANKS),
         })
     }
 
@@ -717,13 +720,16 @@ impl Loop {
                 }
             }
             for ev in events.iter() {
-                self.dispatch(ev.token());
+                // A pipe whose writers are all gone and that holds nothing (hang-up without
+                // data) is at its EOF: closed without the read that would say so.
+                self.dispatch(ev.token(), ev.is_read_closed() && !ev.is_readable());
             }
             self.read_ready();
             self.console.release(Instant::now(), false);
             self.flush_console();
             self.check_deadlines();
             let finished = self.advance();
+            self.closer.flush();
             self.publish(false);
             if finished {
                 break;
@@ -760,7 +766,7 @@ impl Loop {
         self.console.out.backlog() > HIGH_WATER || self.console.err.backlog() > HIGH_WATER
     }
 
-    fn dispatch(&mut self, token: Token) {
+    fn dispatch(&mut self, token: Token, drained_eof: bool) {
         let n = self.n();
         match token {
             WAKER => {
@@ -769,7 +775,11 @@ impl Loop {
             }
             OUT_WRITABLE | ERR_WRITABLE => {}
             Token(t) if t < 2 * n => {
-                if !self.is_ready[t] {
+                if drained_eof && !self.is_ready[t] {
+                    if self.streams[t].fd.is_some() {
+                        self.close_stream(t);
+                    }
+                } else if !self.is_ready[t] {
                     self.is_ready[t] = true;
                     self.ready.push_back(t);
                 }
@@ -905,12 +915,15 @@ impl Loop {
             console,
             tail_lines,
             keep_last_line,
+            closer,
             ..
         } = self;
         let s = &mut streams[stream];
         // Closing our only descriptor of the pipe takes it out of the epoll set too (no
         // EPOLL_CTL_DEL needed); an event still queued for it finds `fd: None` and is skipped.
-        drop(s.fd.take());
+        if let Some(fd) = s.fd.take() {
+            closer.close(fd);
+        }
         let rank = &mut ranks[r];
         let route = Route::new(
             r,
@@ -988,7 +1001,9 @@ impl Loop {
             // Someone else reaped our child (a stray waitpid(-1)); the status is lost.
             Err(_) => ExitStatus::Code(-1),
         };
-        drop(self.ranks[r].pidfd.take()); // leaves the epoll set as it closes, like a stream
+        if let Some(fd) = self.ranks[r].pidfd.take() {
+            self.closer.close(fd); // leaves the epoll set as it closes, like a stream
+        }
         self.alive -= 1;
         if let Some(t) = self.teardown.as_mut() {
             if let Some((_, at)) = t.sweep.as_mut() {
@@ -1336,6 +1351,7 @@ impl Loop {
                 let _ = log.flush();
             }
         }
+        self.closer.finish(); // a job reported done has closed all its descriptors
         self.publish(true);
         if let Some(mut g) = self.guard.take() {
             g.finish();

@@ -100,3 +100,37 @@ pub fn reap_group_zombies(pgid: i32) -> usize {
     }
     reaped
 }
+
+/// Whether some child of ours (any thread's) has exited and waits to be reaped; reaps nothing.
+/// One call that lets a sweep skip its per-group `reap_group_zombies` when there is no zombie.
+pub fn any_child_exited() -> bool {
+    matches!(
+        rustix::process::waitid(
+            WaitId::All,
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+        ),
+        Ok(Some(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exited_child_is_seen_and_left_to_be_reaped() {
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "exit 7"])
+            .spawn()
+            .expect("spawn");
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !crate::tree::read_stat(pid).is_some_and(|s| s.is_dead()) {
+            assert!(std::time::Instant::now() < deadline, "the child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(any_child_exited());
+        // Still there to reap, with its status: the look reaped nothing.
+        assert_eq!(child.wait().expect("reap").code(), Some(7));
+    }
+}

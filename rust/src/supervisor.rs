@@ -1116,10 +1116,11 @@ impl Loop {
     /// orphans re-parented to us (we are a subreaper) that carry the job's marker or still sit in
     /// a finished rank's group. Zombies among our adopted children are reaped on the way.
     fn job_escapees(&self, live_groups: &HashSet<i32>) -> Vec<i32> {
-        if live_groups.is_empty() {
+        if live_groups.is_empty() && reap::any_child_exited() {
             // Every rank is reaped, so nothing in a rank's group is a rank whose exit its pidfd
             // must see: reap the exited descendants re-parented to us by group, without the
-            // /proc read per zombie below (which also makes its reaping dearer).
+            // /proc read per zombie below (which also makes its reaping dearer). No zombie at
+            // all (one waitid says so): no call per group.
             for r in &self.ranks {
                 reap::reap_group_zombies(r.pid);
             }
@@ -1317,6 +1318,11 @@ impl Loop {
     }
 
     fn finalize(&mut self) {
+        // Every rank is reaped and nothing of the job is left: the orphan guard has nothing
+        // more to guard. It exits while the console and the descriptors are closed below.
+        if let Some(g) = self.guard.as_mut() {
+            g.stop();
+        }
         for i in 0..self.streams.len() {
             if self.streams[i].fd.is_some() {
                 // Drain what is buffered before closing (a process outside our reach may still hold it).

@@ -75,15 +75,21 @@ impl Watchdog {
         self.child.id()
     }
 
-    /// Ends the guard (the job ended cleanly) and reaps it. SIGKILL before the pipe closes, so
-    /// the guard never sees the EOF; quicker than a line it would have to read (a shell reads a
-    /// byte at a time), and this is on the path of every job's end.
-    pub fn finish(&mut self) {
+    /// Ends the guard (the job ended cleanly) without waiting for it: SIGKILL before the pipe
+    /// closes, so the guard never sees the EOF; quicker than a line it would have to read (a
+    /// shell reads a byte at a time), and this is on the path of every job's end. `finish`
+    /// reaps it; the caller does its own last work in between, while the shell exits.
+    pub fn stop(&mut self) {
         if let Some(pipe) = self.pipe.take() {
             crate::signals::kill(self.child.id() as i32, libc::SIGKILL);
             drop(pipe);
-            let _ = self.child.wait();
         }
+    }
+
+    /// Ends the guard if `stop` has not, and reaps it.
+    pub fn finish(&mut self) {
+        self.stop();
+        let _ = self.child.wait();
     }
 
     /// The write end's fd (tests use it to check it is close-on-exec).

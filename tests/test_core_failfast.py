@@ -54,6 +54,26 @@ def test_first_failure_ends_the_job_fast(death: str, code: int, tmp_path: Path) 
     assert all(r.ended_at >= report.first_failure.ended_at for r in others)
 
 
+
+def test_teardown_of_hundreds_of_ranks_signals_every_one_and_their_escapees(tmp_path: Path, run_id: str) -> None:
+    """The first signal goes out in turns of groups (SIGNAL_TURN in supervisor.rs): every one of
+    300 ranks still gets SIGTERM (not the grace period's SIGKILL), and the escaped tree of the
+    last rank, signalled in the last turn, is gone too when wait() returns."""
+    n = 300
+    pidfile = tmp_path / 'tree.json'
+    ranks = [_core.RankSpec(['sleep', '60']) for _ in range(n - 2)]
+    ranks.append(_core.RankSpec([PY, str(HELPERS / 'tree.py'), str(pidfile), '--kinds', KINDS]))
+    ranks.insert(0, _core.RankSpec(['/bin/sh', '-c', f'{_wait_for_file(pidfile)}; exit 3']))
+    sup = _core.Supervisor(ranks, run_id=run_id, grace_period=GRACE, stdout_fd=_null())
+    sup.start()
+    pids = read_json_when_ready(pidfile)
+    report = sup.wait(timeout=20)
+    assert report is not None and report.returncode == 3 and report.first_failure is not None
+    assert report.first_failure.rank == 0
+    assert [r.rank for r in report.ranks if (r.state, r.returncode) != ('killed', -signal.SIGTERM)] == [0]
+    assert {k: p for k, p in pids.items() if alive(p)} == {}
+    assert marked(f'DSLAUNCH_RUN_ID={run_id}') == []
+
 def test_all_ranks_failing_at_once_names_one_of_them() -> None:
     ranks = [_core.RankSpec(['/bin/sh', '-c', f'exit {10 + i}']) for i in range(6)]
     report = _core.Supervisor(ranks, grace_period=GRACE, stdout_fd=_null()).run()

@@ -579,6 +579,12 @@ const ESCAPEE_SWEEP_DELAY: Duration = Duration::from_millis(20);
 /// ... or this long after the teardown began, at the latest.
 const ESCAPEE_SWEEP_MAX_DELAY: Duration = Duration::from_secs(1);
 
+/// A teardown's first signal goes to this many rank groups a loop turn. Each signal wakes a rank
+/// that preempts the loop, so one burst to 1,024 groups kept the loop from its events until
+/// nearly every rank had died, and their reaping and closing came after, on one core
+/// (docs/benchmarks.md). In turns, the loop reaps and closes what died since the last one.
+const SIGNAL_TURN: usize = 64;
+
 struct Loop {
     poll: Poll,
     shared: Arc<Shared>,
@@ -613,6 +619,9 @@ struct Loop {
     guard: Option<Watchdog>,
     my_pid: i32,
     closer: Closer,
+    /// Ranks the teardown's first signal has still to reach (see SIGNAL_TURN), and the signal.
+    unsignalled: Vec<usize>,
+    unsignalled_sig: i32,
 }
 
 impl Loop {
@@ -699,6 +708,8 @@ impl Loop {
             guard,
             my_pid: std::process::id() as i32,
             closer: Closer::new(n >= closer::MIN_RANKS),
+            unsignalled: Vec::new(),
+            unsignalled_sig: 0,
         })
     }
 
@@ -725,6 +736,7 @@ impl Loop {
                 self.dispatch(ev.token(), ev.is_read_closed() && !ev.is_readable());
             }
             self.read_ready();
+            self.signal_next_turn();
             self.console.release(Instant::now(), false);
             self.flush_console();
             self.check_deadlines();
@@ -740,7 +752,7 @@ impl Loop {
 
     fn next_timeout(&self) -> Option<Duration> {
         let paused = self.console_paused();
-        if !self.ready.is_empty() && !paused {
+        if (!self.ready.is_empty() && !paused) || !self.unsignalled.is_empty() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -1064,12 +1076,13 @@ impl Loop {
                 sweep: Some((sig, now + ESCAPEE_SWEEP_DELAY)),
                 started: now,
             });
-            self.signal_groups(sig);
+            self.signal_groups_in_turns(sig);
         }
         self.job_dirty = true;
     }
 
     fn escalate(&mut self) {
+        self.unsignalled.clear(); // SIGKILL goes to every group at once
         self.signal_job(libc::SIGKILL);
         if let Some(t) = self.teardown.as_mut() {
             t.escalated = true;
@@ -1094,6 +1107,23 @@ impl Loop {
 
     fn live_groups(&self) -> HashSet<i32> {
         self.ranks.iter().filter(|r| r.pidfd.is_some()).map(|r| r.pid).collect()
+    }
+
+    /// `sig` to the first SIGNAL_TURN live rank groups now, to the others in the next loop turns.
+    fn signal_groups_in_turns(&mut self, sig: i32) {
+        self.unsignalled = (0..self.n()).rev().filter(|&r| self.ranks[r].pidfd.is_some()).collect();
+        self.unsignalled_sig = sig;
+        self.signal_next_turn();
+    }
+
+    fn signal_next_turn(&mut self) {
+        let from = self.unsignalled.len().saturating_sub(SIGNAL_TURN);
+        for r in self.unsignalled.split_off(from) {
+            // Only a rank not reaped yet: the pid of a reaped one may name someone else's group.
+            if self.ranks[r].pidfd.is_some() {
+                signals::killpg(self.ranks[r].pid, self.unsignalled_sig);
+            }
+        }
     }
 
     fn signal_groups(&mut self, sig: i32) {
@@ -1221,7 +1251,7 @@ impl Loop {
         if let Some((sig, at)) = self.teardown.as_ref().and_then(|t| t.sweep) {
             // No rank left (`advance` sweeps what they left), or none died for a while: that
             // is, none that the queued events or a direct look (`reap_exited`) show.
-            if self.alive == 0 || (now >= at && self.reap_exited() == 0) {
+            if self.alive == 0 || (now >= at && self.unsignalled.is_empty() && self.reap_exited() == 0) {
                 if let Some(t) = self.teardown.as_mut() {
                     t.sweep = None;
                 }

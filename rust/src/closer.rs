@@ -69,7 +69,6 @@ impl Closer {
             // No thread (EAGAIN at a thread limit): the descriptors are closed in place.
             if let Ok(t) = std::thread::Builder::new()
                 .name("dslaunch-closer".into())
-                .stack_size(64 * 1024)
                 .spawn(move || close_until_finished(&theirs))
             {
                 c.shared = Some(shared);
@@ -159,6 +158,16 @@ mod tests {
         (0..n).map(|_| rustix::pipe::pipe_with(flags).expect("pipe")).unzip()
     }
 
+    /// A threaded closer holding the read ends of `n` pipes (not flushed), and their write ends.
+    fn holding(n: usize) -> (Closer, Vec<OwnedFd>) {
+        let (reads, writes) = pipes(n);
+        let mut closer = Closer::new(true);
+        for r in reads {
+            closer.close(r);
+        }
+        (closer, writes)
+    }
+
     fn read_end_closed(w: &OwnedFd) -> bool {
         rustix::io::write(w, b"x") == Err(rustix::io::Errno::PIPE)
     }
@@ -182,11 +191,7 @@ mod tests {
 
     #[test]
     fn a_flushed_batch_is_closed_while_the_loop_goes_on() {
-        let (reads, writes) = pipes(10);
-        let mut closer = Closer::new(true);
-        for r in reads {
-            closer.close(r);
-        }
+        let (mut closer, writes) = holding(10);
         assert!(!writes.iter().any(read_end_closed), "closed before the flush");
         closer.flush();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -201,11 +206,7 @@ mod tests {
 
     #[test]
     fn dropping_the_closer_closes_what_it_holds() {
-        let (reads, writes) = pipes(5);
-        let mut closer = Closer::new(true);
-        for r in reads {
-            closer.close(r);
-        }
+        let (closer, writes) = holding(5);
         drop(closer);
         assert!(writes.iter().all(read_end_closed));
     }

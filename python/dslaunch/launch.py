@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from .argparse_compat import CompatArgumentParser
 from .errors import UsageError, WorldInfoError, printable
@@ -107,15 +106,21 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     return build_parser(prog).parse_args(None if argv is None else list(argv))
 
 
-@dataclass(frozen=True)
 class RankPlan:
-    """One child process of this node."""
+    """One child process of this node. (A plain class: see `runner.Plan` on `dataclasses`.)"""
 
-    rank: int
-    local_rank: int
-    argv: list[str]
-    env_overrides: dict[str, str]  # set on top of the launcher's environment
-    log_name: str | None  # per-rank log file (stdout and stderr), or None
+    __slots__ = ('argv', 'env_overrides', 'local_rank', 'log_name', 'rank')
+
+    def __init__(self, *, rank: int, local_rank: int, argv: list[str], env_overrides: dict[str, str],
+                 log_name: str | None) -> None:
+        self.rank = rank
+        self.local_rank = local_rank
+        self.argv = argv
+        self.env_overrides = env_overrides  # set on top of the launcher's environment
+        self.log_name = log_name  # per-rank log file (stdout and stderr), or None
+
+    def __repr__(self) -> str:
+        return f'RankPlan({", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)})'
 
 
 def load_world_info(args: argparse.Namespace) -> dict[str, list[Any]]:

@@ -15,7 +15,6 @@ import functools
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 from .argparse_compat import CompatArgumentParser
 from .devices import VISIBLE_DEVICES_VAR, DeviceId, visible_devices
@@ -192,29 +191,57 @@ class Probes(Protocol):
         """A TCP port that is free on this machine right now."""
 
 
-@dataclass
 class Plan:
     """What the runner will start.
 
     ``mode == 'local'``: run ``argv`` (the per-node launcher) with ``env`` on this machine.
     ``mode == 'multinode'``: build the ``backend`` command (``backend_command``) and run it
     with ``env``; ``exports`` are handed to the backend in order.
+
+    A plain class, not a dataclass: importing `dataclasses` (and `inspect` with it) cost every
+    `dslaunch` start 7 ms (docs/benchmarks.md, fix 14).
     """
 
-    mode: Literal['local', 'multinode']
-    args: argparse.Namespace  # a copy with master_addr/master_port/log_level resolved
-    active: dict[str, list[DeviceId]]
-    world_info: str
-    resource_pool: dict[str, int]
-    master_addr: str
-    master_port: int
-    env: dict[str, str]
-    removed_env: tuple[str, ...] = ()
-    argv: list[str] | None = None
-    backend: str | None = None
-    exports: dict[str, str] = field(default_factory=dict)
-    hostfile_found: bool = False
-    notes: list[str] = field(default_factory=list)
+    __slots__ = (
+        'active',
+        'args',
+        'argv',
+        'backend',
+        'env',
+        'exports',
+        'hostfile_found',
+        'master_addr',
+        'master_port',
+        'mode',
+        'notes',
+        'removed_env',
+        'resource_pool',
+        'world_info',
+    )
+
+    def __init__(self, *, mode: Literal['local', 'multinode'], args: argparse.Namespace,
+                 active: dict[str, list[DeviceId]], world_info: str, resource_pool: dict[str, int],
+                 master_addr: str, master_port: int, env: dict[str, str], removed_env: tuple[str, ...] = (),
+                 argv: list[str] | None = None, backend: str | None = None,
+                 exports: dict[str, str] | None = None, hostfile_found: bool = False,
+                 notes: list[str] | None = None) -> None:
+        self.mode = mode
+        self.args = args  # a copy with master_addr/master_port/log_level resolved
+        self.active = active
+        self.world_info = world_info
+        self.resource_pool = resource_pool
+        self.master_addr = master_addr
+        self.master_port = master_port
+        self.env = env
+        self.removed_env = removed_env
+        self.argv = argv
+        self.backend = backend
+        self.exports = {} if exports is None else exports
+        self.hostfile_found = hostfile_found
+        self.notes = [] if notes is None else notes
+
+    def __repr__(self) -> str:
+        return f'Plan({", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)})'
 
 
 def plan(

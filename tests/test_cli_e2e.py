@@ -44,9 +44,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: How torch's gloo backend can abort a rank at its very end (a C++ thread still joinable while the
+#: interpreter is torn down; pytorch/pytorch#179291): once in about 20 runs of the test below on
+#: the 2-core CI machine, never in a launcher-side way.
+GLOO_EXIT_ABORT = 'terminate called without an active exception'
+
+
 def test_trains_four_ranks_with_real_gloo_ddp() -> None:
-    proc = dslaunch('--num_gpus', '4', '--master_port', str(free_port()), str(ROOT / 'examples' / 'train.py'),
-                    '--steps', '6', timeout=300)
+    for attempt in range(2):
+        proc = dslaunch('--num_gpus', '4', '--master_port', str(free_port()), str(ROOT / 'examples' / 'train.py'),
+                        '--steps', '6', timeout=300)
+        # One more try for that upstream abort only; any other failure (or a second abort) fails.
+        if proc.returncode == 0 or GLOO_EXIT_ABORT not in proc.stderr or attempt:
+            break
     assert proc.returncode == 0, proc.stderr
     agree = [ln for ln in proc.stdout.splitlines() if 'parameters identical on all 4 ranks: True' in ln]
     assert sorted(ln.split(']')[0] for ln in agree) == ['[0', '[1', '[2', '[3']

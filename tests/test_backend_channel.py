@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from dslaunch.jobchannel import REPORT_TO_ENV, TOKEN_ENV, JobServer
+from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
+from dslaunch.jobchannel import JobServer
 from helpers.procs import alive
 
 SCRIPT = """

@@ -202,7 +202,8 @@ def test_cli_does_not_import_torch_on_the_way() -> None:
     """A local job's start imports neither torch and friends nor the standard modules kept off
     the start path for speed (docs/benchmarks.md, fixes 7 and 14): a regression there shows here."""
     # In-process with explicit arguments: the command itself (no arguments) ends in os._exit.
-    heavy = ('torch', 'numpy', 'rich', 'psutil', 'typing', 'logging', 'uuid', 'secrets', 'hmac', 'dataclasses', 'inspect')
+    heavy = ('torch', 'numpy', 'rich', 'psutil', 'typing', 'logging', 'uuid', 'secrets', 'hmac', 'dataclasses', 'inspect',
+             'shutil', 'socket', 'selectors', 'threading')
     code = ('import sys\n'
             'from dslaunch.cli import main\n'
             "try:\n    main(['--no_python', '--num_gpus', '1', '/bin/true'])\n"

@@ -523,12 +523,13 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     restarts ran out, 128+N when signal N stopped this node. Bad input, and a rendezvous that does
     not form within ``--rdzv_timeout`` or cannot be reached, raise ``DslaunchError`` (one line).
     """
-    from dslaunch import jobchannel, launch
+    from dslaunch import launch
+    from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
     from dslaunch.launch_run import PidFile, check_script, parse_rank_selection
 
     base_env = dict(environ)
-    report_to = base_env.pop(jobchannel.REPORT_TO_ENV, None)
-    token = base_env.pop(jobchannel.TOKEN_ENV, None)
+    report_to = base_env.pop(REPORT_TO_ENV, None)
+    token = base_env.pop(TOKEN_ENV, None)
     world_info = launch.load_world_info(args)
     cfg = resolve(args, base_env, len(world_info))
     launch.rank_plans(world_info, args.node_rank, args, base_env)  # checks --node_rank, --module/--no_python

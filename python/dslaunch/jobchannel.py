@@ -24,12 +24,11 @@ import socket
 import threading
 from collections.abc import Callable
 
+from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
+
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
     from typing import Any
-
-REPORT_TO_ENV = 'DSLAUNCH_REPORT_TO'
-TOKEN_ENV = 'DSLAUNCH_JOB_TOKEN'
 
 
 def _send(sock: socket.socket, msg: dict[str, Any]) -> bool:

@@ -10,7 +10,6 @@ import argparse
 import errno
 import os
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
@@ -112,12 +111,13 @@ def run_plans(
     first failure is reported to the runner the moment it happens, and a stop from the runner
     (or the loss of the connection to it) tears this node's ranks down.
     """
-    from dslaunch import _core, jobchannel
+    from dslaunch import _core
+    from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
     from dslaunch.report import print_report
 
     environ = dict(environ)
-    report_to = environ.pop(jobchannel.REPORT_TO_ENV, None)
-    token = environ.pop(jobchannel.TOKEN_ENV, None)
+    report_to = environ.pop(REPORT_TO_ENV, None)
+    token = environ.pop(TOKEN_ENV, None)
 
     # Variables equal in every rank go into the base environment once, not into each rank's spec
     # (at 1,024 ranks per-rank copies of e.g. a long CUDA_VISIBLE_DEVICES cost megabytes).
@@ -150,16 +150,18 @@ def run_plans(
 
         watch = HangWatch(sup, hang_timeout, hang_action)
     stops: list[int] = []
-    started = threading.Event()
+    started: list[bool] = []  # [True] once the ranks run (a flag for the client's thread: no threading import)
 
     def on_stop(sig: int) -> None:
         stops.append(sig)
-        if started.is_set():
+        if started:
             sup.send_signal(sig)
 
     client = None
     if report_to and token:
         try:
+            from dslaunch import jobchannel  # only under a multi-node runner: sockets and threads
+
             client = jobchannel.JobClient(report_to, token, node_rank or 0, on_stop)
         except OSError as e:
             raise DslaunchError(f'cannot reach the dslaunch runner at {report_to}: {e.strerror or e}') from None
@@ -172,7 +174,7 @@ def run_plans(
             if e.errno == errno.EMFILE:  # each rank holds 3 fds here (stdout, stderr, pidfd)
                 msg += f' ({len(plans)} ranks need about {3 * len(plans) + 64} fds: raise the hard limit, ulimit -Hn)'
             raise DslaunchError(msg) from None
-        started.set()
+        started.append(True)
         if stops:
             sup.send_signal(stops[0])  # a stop that arrived while the ranks were starting
         if not quiet and plans:

@@ -128,8 +128,9 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
     and Intel MPI never stop the other ranks when one fails, Open MPI takes seconds, srun -K exits
     143 and Intel MPI 255 instead of the rank's code."""
     from . import jobchannel
+    from .channel_vars import REPORT_TO_ENV, TOKEN_ENV
 
-    report_to, token = env.pop(jobchannel.REPORT_TO_ENV, None), env.pop(jobchannel.TOKEN_ENV, None)
+    report_to, token = env.pop(REPORT_TO_ENV, None), env.pop(TOKEN_ENV, None)
     lock = threading.Lock()
     stops: list[int] = []
     child: subprocess.Popen[bytes] | None = None

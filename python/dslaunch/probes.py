@@ -6,8 +6,10 @@ ssh calls have timeouts (DeepSpeed's have none, so an unreachable host hangs the
 
 from __future__ import annotations
 
+# The C module behind `socket`: that one turns its constants into enums on import, 3 ms of every
+# CLI start, and the port checks below need none of it.
+import _socket
 import os
-import socket
 from collections.abc import Mapping
 
 from .devices import gpu_count
@@ -74,18 +76,23 @@ class SystemProbes:
         # The rendezvous server listens on every interface, so test the wildcard address;
         # SO_REUSEADDR makes sockets in TIME_WAIT not count as "taken", as for the real server.
         del addr
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(('', port))
-            except OSError:
-                return False
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            sock.bind(('', port))
+        except OSError:
+            return False
+        finally:
+            sock.close()
         return True
 
     def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
             sock.bind(('', 0))
             return int(sock.getsockname()[1])
+        finally:
+            sock.close()
 
 
 def _port_args(port: int | None) -> list[str]:

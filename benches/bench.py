@@ -986,6 +986,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in args.extra_dslaunch:
         name, _, path = spec.partition('=')
         env.extra[f'dslaunch+{name}'] = os.path.abspath(path)
+        # Byte-compiled too, for the same reason (a copied tree's stale bytecode is ignored).
+        subprocess.run([str(env.dslaunch.parent / 'python'), '-m', 'compileall', '-q',
+                        os.path.join(path, 'dslaunch')], check=False)  # fmt: skip
     env.versions = versions(env)
     for name, why in env.missing.items():
         print(f'NOTE: {name} left out: {why}', file=sys.stderr)

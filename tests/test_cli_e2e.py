@@ -215,6 +215,22 @@ def test_cli_does_not_import_torch_on_the_way() -> None:
 
 
 
+def test_help_is_wrapped_to_the_terminal_width() -> None:
+    """The cheap formatter argparse's option checks get (no terminal query at start-up) never
+    reaches the help a user reads: it is wrapped to COLUMNS, as with plain argparse."""
+    narrow, wide = (dslaunch('--help', env={'COLUMNS': str(c)}) for c in (50, 160))
+    assert narrow.returncode == wide.returncode == 0, narrow.stderr + wide.stderr
+    assert len(narrow.stdout.splitlines()) > len(wide.stdout.splitlines())
+    assert max(len(line) for line in wide.stdout.splitlines()) > 80
+
+
+def test_help_formatted_before_any_parse_uses_the_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dslaunch import runner
+
+    monkeypatch.setenv('COLUMNS', '160')
+    assert max(len(line) for line in runner.build_parser('dslaunch').format_help().splitlines()) > 80
+
+
 @pytest.mark.parametrize('command', [True, False])
 def test_command_exit_runs_handlers_and_leaves_the_job_objects_to_the_exit(command: bool) -> None:
     """The commands end with `command_exit.exit_now`: exit handlers run and buffered output is

@@ -24,20 +24,23 @@ class CompatArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._extension_actions: set[argparse.Action] = set()
-        self._building = True  # until the first parse: see _get_formatter
+        self._adding = False  # inside add_argument: see _get_formatter
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        self._adding = True
+        try:
+            return super().add_argument(*args, **kwargs)
+        finally:
+            self._adding = False
 
     def _get_formatter(self) -> argparse.HelpFormatter:  # argparse internal hook
         # add_argument makes a formatter for every option only to check its metavar; a default
         # formatter asks for the terminal's width, which imports shutil (2 ms of every start).
-        # The width plays no part in that check; help and usage, formatted later, get the real one.
-        if self._building:  # our parsers use argparse's own formatter classes: all take a width
+        # The width plays no part in that check; help and usage get the real one.
+        if self._adding:  # our parsers use argparse's own formatter classes: all take a width
             return self.formatter_class(prog=self.prog, width=80)  # type: ignore[call-arg]
         return super()._get_formatter()
-
-    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
-        self._building = False
-        return super().parse_known_args(*args, **kwargs)
 
     def add_extension(self, *names: str, **kwargs: Any) -> argparse.Action:
         """Add an option that must never shadow a DeepSpeed option's abbreviations."""

@@ -206,7 +206,16 @@ fn kill_and_reap(pid: i32) {
 /// SCM_RIGHTS. Ranks are still this process's children (any thread may wait for them; when
 /// the thread ends they pass to another thread of the process). Where unshare is refused (a
 /// seccomp profile) the thread spawns from the shared table, which is just slower.
-pub fn spawn_batch(reqs: &[SpawnRequest<'_>], mut accept: impl FnMut(Spawned)) -> CoreResult<()> {
+pub fn spawn_batch(reqs: &[SpawnRequest<'_>], accept: impl FnMut(Spawned)) -> CoreResult<()> {
+    spawn_batch_with(reqs, accept, None)
+}
+
+/// `spawn_batch`, with the socket's send buffer set to `sndbuf` bytes when given (tests).
+fn spawn_batch_with(
+    reqs: &[SpawnRequest<'_>],
+    mut accept: impl FnMut(Spawned),
+    sndbuf: Option<usize>,
+) -> CoreResult<()> {
     use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
     use std::sync::atomic::{AtomicBool, Ordering};
     if reqs.len() <= 1 {
@@ -218,15 +227,18 @@ pub fn spawn_batch(reqs: &[SpawnRequest<'_>], mut accept: impl FnMut(Spawned)) -
     }
     let (ours, theirs) =
         socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).map_err(io::Error::from)?;
+    if let Some(bytes) = sndbuf {
+        rustix::net::sockopt::set_socket_send_buffer_size(&theirs, bytes).map_err(io::Error::from)?;
+    }
     let stop = AtomicBool::new(false);
-    let (tx, rx) = std::sync::mpsc::channel::<CoreResult<i32>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<CoreResult<i32>>>();
     std::thread::scope(|scope| -> CoreResult<()> {
         let (theirs, stop) = (&theirs, &stop);
         std::thread::Builder::new()
             .name("dslaunch-spawn".into())
             .spawn_scoped(scope, move || spawner_thread(reqs, theirs, stop, tx))?;
         let mut failure = None;
-        for started in rx {
+        for started in rx.into_iter().flatten() {
             let pid = match started {
                 Ok(pid) => pid,
                 Err(e) => {
@@ -259,14 +271,52 @@ pub fn spawn_batch(reqs: &[SpawnRequest<'_>], mut accept: impl FnMut(Spawned)) -
     })
 }
 
+/// Ranks handed to the caller's thread at a time. One wake-up per rank kept a third thread
+/// runnable beside the spawning thread and the starting ranks: 1,024 no-op ranks started 8-11%
+/// slower on a 2-core machine (docs/benchmarks.md, fix 18).
+const HANDOFF: usize = 16;
+
+/// Started ranks (or the error that stopped the batch) on their way to the caller's thread,
+/// `HANDOFF` at a time. Whatever is pending is handed over when this is dropped, on every way
+/// out of the spawning thread: the caller kills and reaps ranks started after a failure.
+struct Handoff {
+    tx: std::sync::mpsc::Sender<Vec<CoreResult<i32>>>,
+    pending: Vec<CoreResult<i32>>,
+}
+
+impl Handoff {
+    /// Hands over what is pending; false if the caller has gone.
+    fn flush(&mut self) -> bool {
+        self.pending.is_empty() || self.tx.send(std::mem::take(&mut self.pending)).is_ok()
+    }
+
+    /// Queues one outcome; an error, or a full batch, goes over at once.
+    fn push(&mut self, outcome: CoreResult<i32>) -> bool {
+        let failed = outcome.is_err();
+        self.pending.push(outcome);
+        if failed || self.pending.len() >= HANDOFF {
+            self.flush()
+        } else {
+            true
+        }
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// The spawning thread: a private fd table holding only its socket (and stdio), then each
 /// request in turn. Sends every rank's pipe read ends over `sock`, then its pid on `tx`.
 fn spawner_thread(
     reqs: &[SpawnRequest<'_>],
     sock: &OwnedFd,
     stop: &std::sync::atomic::AtomicBool,
-    tx: std::sync::mpsc::Sender<CoreResult<i32>>,
+    tx: std::sync::mpsc::Sender<Vec<CoreResult<i32>>>,
 ) {
+    use rustix::net::SendFlags;
     // SAFETY: from here on this thread only uses fds it opens itself, plus `sock`, whose copy
     // keeps its number in the private table; no fd of this table is handed to another thread
     // except through SCM_RIGHTS, which installs a new one in the receiver's table.
@@ -276,19 +326,28 @@ fn spawner_thread(
         close_range(keep + 1, libc::c_uint::MAX);
     }
     let mut envs = BaseEnvCache::default();
+    let mut handoff = Handoff {
+        tx,
+        pending: Vec::with_capacity(HANDOFF),
+    };
     for req in reqs {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let sent = start_rank(req, &mut envs).and_then(|(pid, out, err)| match send_fds(sock, pid, &out, &err) {
-            Ok(()) => Ok(pid),
-            Err(e) => {
-                kill_and_reap(pid);
-                Err(e.into())
+        let sent = start_rank(req, &mut envs).and_then(|(pid, out, err)| {
+            // The caller reads a rank's fds only once it has its pid: never wait on a full
+            // socket while pids are pending here, or both threads would wait for each other.
+            let mut sent = send_fds(sock, pid, &out, &err, SendFlags::DONTWAIT);
+            if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) && handoff.flush() {
+                sent = send_fds(sock, pid, &out, &err, SendFlags::empty());
             }
+            sent.map(|()| pid).map_err(|e| {
+                kill_and_reap(pid);
+                e.into()
+            })
         });
         let failed = sent.is_err();
-        if tx.send(sent).is_err() || failed {
+        if !handoff.push(sent) || failed {
             return;
         }
     }
@@ -303,14 +362,19 @@ fn close_range(first: libc::c_uint, last: libc::c_uint) {
     }
 }
 
-fn send_fds(sock: &OwnedFd, pid: i32, out: &OwnedFd, err: &OwnedFd) -> io::Result<()> {
+fn send_fds(sock: &OwnedFd, pid: i32, out: &OwnedFd, err: &OwnedFd, flags: rustix::net::SendFlags) -> io::Result<()> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let fds = [out.as_fd(), err.as_fd()];
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut cmsg = SendAncillaryBuffer::new(&mut space);
     cmsg.push(SendAncillaryMessage::ScmRights(&fds));
     let pid_bytes = pid.to_ne_bytes();
-    sendmsg(sock, &[io::IoSlice::new(&pid_bytes)], &mut cmsg, SendFlags::NOSIGNAL)?;
+    sendmsg(
+        sock,
+        &[io::IoSlice::new(&pid_bytes)],
+        &mut cmsg,
+        flags | SendFlags::NOSIGNAL,
+    )?;
     Ok(())
 }
 
@@ -619,6 +683,32 @@ mod tests {
         let nul = vars(&[("BAD", "a\0b")]);
         assert_eq!(env.block(&nul).err().and_then(|e| e.raw_os_error()), Some(libc::EINVAL));
         assert!(BaseEnv::new(Some(&nul)).is_err());
+    }
+
+    #[test]
+    fn a_full_socket_never_stalls_the_batch() {
+        // A send buffer far smaller than HANDOFF messages: the spawning thread finds the socket
+        // full with pids still pending and must hand them over before it waits.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let argv = [OsString::from("/bin/true")];
+            let req = SpawnRequest {
+                argv: &argv,
+                env: None,
+                env_overrides: &[],
+                cwd: None,
+            };
+            let reqs: Vec<SpawnRequest<'_>> = (0..3 * HANDOFF).map(|_| SpawnRequest { ..req }).collect();
+            let mut started = Vec::new();
+            let outcome = spawn_batch_with(&reqs, |s| started.push(s), Some(1));
+            for s in &started {
+                crate::reap::reap_blocking(&s.pidfd).expect("reaped");
+            }
+            done_tx.send((outcome.is_ok(), started.len())).unwrap();
+        });
+        // A stalled batch fails the test instead of hanging it (the stuck thread is left behind).
+        let got = done_rx.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(got.expect("the batch stalled"), (true, 3 * HANDOFF));
     }
 
     #[test]

@@ -976,6 +976,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # were byte-compiled by pip.
     compile_pkg = 'import compileall, os, dslaunch; compileall.compile_dir(os.path.dirname(dslaunch.__file__), quiet=1)'
     subprocess.run([str(env.dslaunch.parent / 'python'), '-c', compile_pkg], check=False)
+    # The --extra-dslaunch builds too, found the way their launcher finds them (a copied tree's
+    # bytecode is stale, and would be ignored).
+    for spec in args.extra_dslaunch:
+        path = os.path.abspath(spec.partition('=')[2])
+        subprocess.run([str(env.dslaunch.parent / 'python'), '-c', compile_pkg], env=dict(os.environ, PYTHONPATH=path),
+                       check=False)  # fmt: skip
     drop = ('DSLAUNCH_', 'VIRTUAL_ENV', 'PYTHONUNBUFFERED', 'PYTHONPATH', 'OMP_NUM_THREADS')
     env.base_env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.base_env['PATH'] = '/usr/local/bin:/usr/bin:/bin'
@@ -986,9 +992,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in args.extra_dslaunch:
         name, _, path = spec.partition('=')
         env.extra[f'dslaunch+{name}'] = os.path.abspath(path)
-        # Byte-compiled too, for the same reason (a copied tree's stale bytecode is ignored).
-        subprocess.run([str(env.dslaunch.parent / 'python'), '-m', 'compileall', '-q',
-                        os.path.join(path, 'dslaunch')], check=False)  # fmt: skip
     env.versions = versions(env)
     for name, why in env.missing.items():
         print(f'NOTE: {name} left out: {why}', file=sys.stderr)

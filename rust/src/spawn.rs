@@ -415,8 +415,13 @@ fn glibc_fn(name: &std::ffi::CStr, cache: &std::sync::OnceLock<usize>) -> usize 
     *cache.get_or_init(|| unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize)
 }
 
-fn cstring(s: &OsStr) -> io::Result<std::ffi::CString> {
-    std::ffi::CString::new(s.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+fn cstring(s: &OsStr) -> io::Result<CString> {
+    nul_free(s.as_bytes().to_vec())
+}
+
+/// A C string of `bytes`; EINVAL if they hold a NUL, as execve's own callers report it.
+fn nul_free(bytes: Vec<u8>) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// The `KEY=value` strings of the environment a batch's ranks start from, sorted by key, one per
@@ -446,7 +451,7 @@ fn key_value(key: &OsStr, value: &OsStr) -> io::Result<CString> {
     kv.extend_from_slice(key.as_bytes());
     kv.push(b'=');
     kv.extend_from_slice(value.as_bytes());
-    CString::new(kv).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    nul_free(kv)
 }
 
 impl BaseEnv {

@@ -133,6 +133,14 @@ def test_signal_to_dslaunch_leaves_no_process(tmp_path: Path, sig: int) -> None:
     # the conftest's survivor scan checks that no rank is left
 
 
+def test_script_args_that_abbreviate_several_dslaunch_options_reach_the_script(tmp_path: Path) -> None:
+    # `--c` could abbreviate --console_ranks, --collapse and --collapse_window, none of which
+    # DeepSpeed has: like `deepspeed`, dslaunch must hand it to the script, not fail on it.
+    proc = dslaunch('--num_gpus', '1', DUMP, '--c', 'cfg.json', '--hang', env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / 'rank0.json').read_text())['argv'] == ['--local_rank=0', '--c', 'cfg.json', '--hang']
+
+
 def test_dry_run_prints_the_launcher_command_and_starts_nothing(tmp_path: Path) -> None:
     proc = dslaunch('--dry_run', '--num_gpus', '2', DUMP, '--a b', env={'DUMP_DIR': str(tmp_path)})
     assert proc.returncode == 0, proc.stderr

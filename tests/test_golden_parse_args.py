@@ -66,7 +66,9 @@ def _cases():
 def _uses_extension(case):
     """DeepSpeed 0.19.8 rejected a flag that dslaunch adds (e.g. the 0.19.7 elastic flags)."""
     last = case.get('stderr_last_line', '')
-    return 'unrecognized arguments' in last and any(flag in last.split() for flag in EXTENSION_FLAGS)
+    return 'unrecognized arguments' in last and any(
+        token.split('=', 1)[0] in EXTENSION_FLAGS for token in last.split()
+    )  # `--min_elastic_nodes=1` as well as `--min_elastic_nodes 1`
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +83,7 @@ def test_parser_matches_deepspeed(parser, case, capsys):
         namespace = vars(module.parse_args(case['argv'], prog=prog))
         if _uses_extension(case):
             # Deviation: dslaunch accepts these flags (as DeepSpeed 0.19.7 did).
-            assert [flag for flag in case['argv'] if flag in EXTENSION_FLAGS]
+            assert [flag for flag in case['argv'] if flag.split('=', 1)[0] in EXTENSION_FLAGS]
             return
         expected = case['namespace']
         assert {k: namespace[k] for k in expected} == expected
@@ -152,6 +154,22 @@ def test_extensions_do_not_change_deepspeed_abbreviations(module, prog, prefix, 
         assert 'could match --master_port, --master_addr' in capsys.readouterr().err
         return
     assert getattr(module.parse_args(argv, prog=prog), dest) == value
+
+
+@pytest.mark.parametrize('module, prog', [(runner, 'deepspeed'), (launch, 'launch.py')])
+@pytest.mark.parametrize('word', ['--c', '--co=1', '--hang', '--max', '--r'])
+def test_a_prefix_of_several_extensions_stays_an_unknown_option(module, prog, word):
+    # DeepSpeed knows none of these options, so after the script such a word is the script's.
+    # argparse checks every argument for ambiguity before parsing: an ambiguous match against
+    # dslaunch's own options would stop the script's arguments from ever reaching it.
+    head = ['--world_info', 'X'] if module is launch else []
+    args = vars(module.parse_args([*head, 'train.py', word, 'cfg.json'], prog=prog))
+    assert args['user_args' if module is runner else 'training_script_args'] == [word, 'cfg.json']
+
+
+def test_a_spaced_value_is_not_an_extension_prefix():
+    # `-H '--d=1 x'` is a hostfile path to DeepSpeed (argparse takes a word with a space as a value)
+    assert runner.parse_args(['-H', '--d=1 x', 'train.py']).hostfile == '--d=1 x'
 
 
 def test_prog_defaults_to_argv0(monkeypatch):

@@ -96,7 +96,17 @@ class CompatArgumentParser(argparse.ArgumentParser):
     def _get_option_tuples(self, option_string: str) -> list[Any]:  # argparse internal hook
         matches = super()._get_option_tuples(option_string)
         native = [m for m in matches if m[0] not in self._extension_actions]
-        return native if native else matches
+        if native:
+            return native
+        # Only dslaunch options match. argparse classifies every argument before parsing, the
+        # user script's arguments included, and an ambiguous prefix is an error there: DeepSpeed,
+        # which knows none of these options, takes such an argument as an unknown option (or, with
+        # a space in it, as a positional). So `deepspeed train.py --c cfg` still reaches the
+        # script, and `-H '--d=1 x'` is still a value. Only a unique, space-free prefix selects
+        # an extension.
+        if len(matches) > 1 or ' ' in option_string:
+            return []
+        return matches
 
 
 #: The observability options of `add_job_extensions` and their defaults (forwarded only when changed).

@@ -77,3 +77,9 @@ def test_huge_pool_filters_without_building_it():
 def test_num_gpus_is_not_bounded_here_like_deepspeed():
     # The bound check lives in runner.plan (a documented deviation there), not in this helper.
     assert apply_num_nodes_and_gpus({'a': [0, 1]}, -1, 4) == {'a': [0, 1, 2, 3]}
+
+
+def test_exclude_drops_the_first_copy_of_a_repeated_slot_like_deepspeed():
+    # DeepSpeed removes with list.remove; host_info with repeated ids can only come from a caller
+    assert parse_resource_filter({'a': [0, 0, 1], 'b': [2, 1, 0]}, '', 'a:0') == {'a': [0, 1], 'b': [2, 1, 0]}
+    assert parse_resource_filter({'a': [3, 1, 2, 1]}, '', 'a:1') == {'a': [3, 2, 1]}

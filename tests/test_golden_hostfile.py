@@ -68,3 +68,24 @@ def test_not_utf8_is_a_hostfile_error(tmp_path):
     path.write_bytes(b'w\xff slots=2\n')
     with pytest.raises(HostfileError, match='not valid UTF-8'):
         fetch_hostfile(path)
+
+
+# Facts from DeepSpeed 0.19.8's fetch_hostfile, found by a differential run (not in the vectors).
+@pytest.mark.parametrize(
+    'text, expected',
+    [
+        # tabs are echoed as they are, like DeepSpeed (only line-breaking characters are escaped)
+        ('worker-0\tgpu\tslots=4\n', 'Hostfile contains a bad entry: worker-0\tgpu\tslots=4, unable to proceed with launching'),
+        ('w\x85 x\n', 'Hostfile contains a bad entry: w\\x85 x, unable to proceed with launching'),
+        ('w slots=' + '9' * 5000 + '\n', 'Exceeds the limit (4300 digits) for integer string conversion'),
+    ],
+)
+def test_error_text_keeps_deepspeeds_characters(text, expected):
+    with pytest.raises(HostfileError) as info:
+        parse_hostfile(text)
+    assert str(info.value).startswith(expected)
+    assert '\n' not in str(info.value)
+
+
+def test_a_bom_is_part_of_the_first_host_name_as_in_deepspeed():
+    assert parse_hostfile('\ufeffworker-0 slots=2\n') == {'\ufeffworker-0': 2}

@@ -60,3 +60,12 @@ def test_garbage_is_one_clear_error(garbage):
 def test_uuid_slots_round_trip():
     info = {'localhost': ['GPU-8a3b', 'GPU-77c1']}
     assert decode_world_info(encode_world_info(info)) == info
+
+
+@pytest.mark.parametrize(
+    'payload',
+    ['\ufeff{"a": [0]}'.encode(), '{"a": [0]}'.encode('utf-16'), '{"a": [0]}'.encode('utf-32-be')],
+)
+def test_decode_detects_the_json_encoding_like_launch_py(payload):
+    # launch.py hands json.loads the decoded bytes, and json detects UTF-8 BOM and UTF-16/32
+    assert decode_world_info(base64.urlsafe_b64encode(payload).decode()) == {'a': [0]}

@@ -30,7 +30,7 @@ import vectors
 
 hypothesis = pytest.importorskip('hypothesis')
 from dslaunch import cli, launch, runner
-from dslaunch.errors import DslaunchError, HostfileError, ResourceFilterError, WorldInfoError, printable
+from dslaunch.errors import DslaunchError, HostfileError, ResourceFilterError, WorldInfoError, one_line
 from dslaunch.hostfile import parse_hostfile, parse_inclusion_exclusion, parse_node_config_list
 from dslaunch.world_info import decode_world_info
 from hypothesis import HealthCheck, given, settings
@@ -210,7 +210,7 @@ def test_hostfile_parser_agrees_with_the_model(text: str) -> None:
     if isinstance(want, RefError):
         with pytest.raises(HostfileError) as info:
             parse_hostfile(text)
-        assert str(info.value) == printable(str(want))  # DeepSpeed's text, control characters escaped
+        assert str(info.value) == one_line(str(want))  # DeepSpeed's text, line breaks escaped
     else:
         got = parse_hostfile(text)
         assert got == want and list(got) == list(want)
@@ -249,9 +249,9 @@ def test_include_exclude_agree_with_the_model(pool: dict[str, int], data: st.Dat
         with pytest.raises(ResourceFilterError) as info:
             parse_inclusion_exclusion(pool, include, exclude)
         if want.internal:
-            assert printable(include or exclude) in str(info.value), 'the clear error quotes the spec'
+            assert one_line(include or exclude) in str(info.value), 'the clear error quotes the spec'
         else:
-            assert str(info.value) == printable(str(want))
+            assert str(info.value) == one_line(str(want))
     else:
         got = parse_inclusion_exclusion(pool, include, exclude)
         assert got == want and list(got) == list(want)
@@ -267,7 +267,7 @@ def test_node_config_list_agrees_with_the_model(spec: str) -> None:
     if isinstance(want, RefError):
         with pytest.raises(ResourceFilterError) as info:
             parse_node_config_list(spec)
-        assert printable(spec) in str(info.value)
+        assert one_line(spec) in str(info.value)
     else:
         assert parse_node_config_list(spec) == want
 

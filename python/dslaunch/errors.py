@@ -54,3 +54,16 @@ def printable(text: str, limit: int | None = None) -> str:
     cut to ``limit`` characters plus ``...`` when given."""
     shown = text if limit is None or len(text) <= limit else text[:limit] + '...'
     return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
+
+
+def one_line(text: str) -> str:
+    """`text` for an error message that must keep DeepSpeed's wording: only what breaks the line or
+    drives the terminal (C0 controls but tab, DEL, C1 controls, U+2028/U+2029) is escaped as in a
+    Python literal; tabs, non-ASCII spaces (NBSP, U+3000), a BOM and other printable-looking
+    characters stay as DeepSpeed prints them."""
+    return ''.join(repr(c)[1:-1] if _breaks_line(c) else c for c in text)
+
+
+def _breaks_line(c: str) -> bool:
+    o = ord(c)
+    return (o < 0x20 and c != '\t') or 0x7F <= o <= 0x9F or c in '\u2028\u2029'

@@ -5,7 +5,8 @@ semantics). Host order is file order everywhere because it later fixes rank orde
 Where DeepSpeed dies with an internal exception (``too many values to unpack``,
 ``invalid literal for int()``, ``MemoryError`` on a 20-digit slot count) we raise a
 ``ResourceFilterError`` that says what is wrong instead (docs/compatibility.md). Echoed user
-text has its control characters escaped (``errors.printable``) so every message is one line.
+text has its line-breaking characters escaped (``errors.one_line``: DeepSpeed's text otherwise) so
+every message is one line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from .errors import HostfileError, ResourceFilterError, printable
+from .errors import HostfileError, ResourceFilterError, one_line
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
@@ -97,12 +98,15 @@ def parse_hostfile_lines(lines: Iterable[str]) -> dict[str, int]:
         match = re.search(_HOST_LINE, line)
         if match is None:
             _log_bad_hostfile(raw)
-            raise HostfileError(_BAD_ENTRY.format(printable(line)))
+            raise HostfileError(_BAD_ENTRY.format(one_line(line)))
         host = match.group(1)
         if host in pool:
             _log_bad_hostfile(raw)
-            raise HostfileError(_DUPLICATE.format(printable(host)))
-        pool[host] = int(match.group(2))  # arbitrary precision: 20-digit counts parse fine
+            raise HostfileError(_DUPLICATE.format(one_line(host)))
+        try:
+            pool[host] = int(match.group(2))  # arbitrary precision: 20-digit counts parse fine
+        except ValueError as exc:  # more than sys.get_int_max_str_digits() digits: DeepSpeed's ValueError text
+            raise HostfileError(str(exc)) from None
     if not pool:
         _log_bad_hostfile(raw)
         raise HostfileError(_EMPTY)
@@ -128,7 +132,7 @@ def parse_node_config_list(spec: str) -> dict[str, list[int]]:
         parts = piece.split(':')
         if len(parts) != 2:
             raise ResourceFilterError(
-                f"Bad node spec '{printable(piece)}' in '{printable(spec)}': "
+                f"Bad node spec '{one_line(piece)}' in '{one_line(spec)}': "
                 "expected NAME or NAME:SLOT[,SLOT...] with one ':'"
             )
         host, slot_text = parts
@@ -138,7 +142,7 @@ def parse_node_config_list(spec: str) -> dict[str, list[int]]:
                 slots.append(int(token))  # Python int(): surrounding spaces are fine, as in DeepSpeed
             except ValueError:
                 raise ResourceFilterError(
-                    f"Bad slot '{printable(token)}' for host '{printable(host)}' in '{printable(spec)}': "
+                    f"Bad slot '{one_line(token)}' for host '{one_line(host)}' in '{one_line(spec)}': "
                     'slots must be integers'
                 ) from None
     return {host: sorted(set(slots)) for host, slots in merged.items()}
@@ -161,10 +165,10 @@ def parse_resource_filter(
     requested = parse_node_config_list(include_str if including else exclude_str)
     for host, slots in requested.items():
         if host not in host_info:
-            raise ResourceFilterError(f"Hostname '{printable(host)}' not found in hostfile")
+            raise ResourceFilterError(f"Hostname '{one_line(host)}' not found in hostfile")
         for slot in slots:
             if slot not in host_info[host]:
-                raise ResourceFilterError(f"No slot '{slot}' specified on host '{printable(host)}'")
+                raise ResourceFilterError(f"No slot '{slot}' specified on host '{one_line(host)}'")
 
     chosen: dict[str, SlotList] = {}
     if including:
@@ -176,10 +180,16 @@ def parse_resource_filter(
             if not slots:
                 chosen[host] = []
                 continue
-            removed = set(slots)
+            pending = set(slots)
             _check_size(host, _size(host_info[host]))
             _logger().debug('excluding slots %s of %s', slots, host)
-            chosen[host] = [s for s in host_info[host] if s not in removed]
+            kept: list[Slot] = []
+            for s in host_info[host]:
+                if s in pending:  # like DeepSpeed's list.remove: only the first occurrence goes
+                    pending.discard(s)
+                else:
+                    kept.append(s)
+            chosen[host] = kept
 
     result: dict[str, SlotList] = {}
     for host in host_info:  # host_info order, not filter order

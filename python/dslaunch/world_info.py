@@ -44,7 +44,8 @@ def decode_world_info(encoded: str) -> WorldInfo:
     except (binascii.Error, ValueError) as exc:
         raise WorldInfoError(f'--world_info is not valid base64 ({exc}): {_clip(encoded)}') from None
     try:
-        value = json.loads(raw.decode('utf-8'))
+        # bytes, as launch.py passes them: json detects a UTF-8 BOM and UTF-16/32 like DeepSpeed does.
+        value = json.loads(raw)
     except UnicodeDecodeError:
         raise WorldInfoError(f'--world_info does not decode to UTF-8 JSON: {_clip(encoded)}') from None
     except (ValueError, RecursionError) as exc:

@@ -3,7 +3,7 @@
 Grammar and error texts follow DeepSpeed 0.19.8 (spec sections 4 and 5, 0.19.7+ filter
 semantics). Host order is file order everywhere because it later fixes rank order.
 Where DeepSpeed dies with an internal exception (``too many values to unpack``,
-``invalid literal for int()``, ``MemoryError`` on a 20-digit slot count) we raise a
+``invalid literal for int()``, ``MemoryError`` or ``OverflowError`` on a huge slot count) we raise a
 ``ResourceFilterError`` that says what is wrong instead (docs/compatibility.md). Echoed user
 text has its line-breaking characters escaped (``errors.one_line``: DeepSpeed's text otherwise) so
 every message is one line.

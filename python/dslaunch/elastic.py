@@ -526,6 +526,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from dslaunch import launch
     from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
     from dslaunch.launch_run import PidFile, check_script, parse_rank_selection
+    from dslaunch.torch_launch import substitute_local_rank
 
     base_env = dict(environ)
     report_to = base_env.pop(REPORT_TO_ENV, None)
@@ -545,7 +546,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         launch.ensure_rank_log_dir(log_dir)
     quiet = args.quiet or args.log_level in ('warning', 'error', 'critical')
     node = _Node(
-        argv=[[a.replace('${local_rank}', str(p.local_rank)) for a in p.argv] for p in plans],
+        argv=[substitute_local_rank(p.argv, p.local_rank) for p in plans],
         static_env=[{k: v for k, v in p.env_overrides.items() if k not in _PER_ROUND} for p in plans],
         base_env=base_env,
         grace=getattr(args, 'grace_period', 30.0),

@@ -34,24 +34,37 @@ TORCH_ONLY_OPTIONS = (
 DEEPSPEED_ONLY_OPTIONS = ('--elastic_training', '--min_elastic_nodes', '--max_elastic_nodes', '--num_gpus',
                           '--num_accelerators', '--hostfile', '--include', '--exclude', '--launcher')
 
+#: Options (of either CLI) whose value may follow as the next word: that word is not the script.
+_VALUE_OPTIONS = (
+    '--nproc-per-node', '--nproc_per_node', '--nnodes', '--node-rank', '--node_rank', '--master-addr',
+    '--master_addr', '--master-port', '--master_port', '--max-restarts', '--max_restarts', '--rdzv-backend',
+    '--rdzv_backend', '--rdzv-endpoint', '--rdzv_endpoint', '--rdzv-id', '--rdzv_id', '--log-dir', '--log_dir',
+    '--local-ranks-filter', '--local_ranks_filter', '--grace_period',
+)
+
+
+def _options_before_script(argv: Sequence[str]) -> list[str]:
+    """The option names before the script, skipping the value of `--opt VALUE`."""
+    names: list[str] = []
+    takes_value = False
+    for arg in argv:
+        if takes_value:
+            takes_value = False
+            continue
+        if not arg.startswith('-') or arg == '--':
+            break
+        name = arg.split('=', 1)[0]
+        names.append(name)
+        takes_value = '=' not in arg and name in _VALUE_OPTIONS
+    return names
+
 
 def wants_torch_cli(argv: Sequence[str]) -> bool:
     """Whether `argv` uses torch's launcher flags (before the script), not DeepSpeed's."""
-    before_script = []
-    for arg in argv:
-        if not arg.startswith('-') or arg == '--':
-            break
-        before_script.append(arg.split('=', 1)[0])
+    before_script = _options_before_script(argv)  # everything after the script belongs to the user
     if any(a in DEEPSPEED_ONLY_OPTIONS for a in before_script):
         return False
-    for arg in argv:
-        if not arg.startswith('-'):
-            return False  # the script: everything after it belongs to the user
-        if arg == '--':
-            return False
-        if arg.split('=', 1)[0] in TORCH_ONLY_OPTIONS:
-            return True
-    return False
+    return any(a in TORCH_ONLY_OPTIONS for a in before_script)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -64,14 +77,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument('--nnodes', default='1', help='number of nodes (a fixed number)')
     p.add_argument('--node-rank', '--node_rank', dest='node_rank', type=int, default=0)
     p.add_argument('--master-addr', '--master_addr', dest='master_addr', default='127.0.0.1')
-    p.add_argument('--master-port', '--master_port', dest='master_port', type=int, default=29500)
+    p.add_argument('--master-port', '--master_port', dest='master_port', type=int, default=None,
+                   help='default: 29500 for several nodes, a free port for one node (as torchrun)')
     p.add_argument('--standalone', action='store_true', help='single node on 127.0.0.1 and a free port')
     p.add_argument('--use-env', '--use_env', dest='use_env', action='store_true',
                    help='do not pass --local-rank; read LOCAL_RANK from the environment')
     p.add_argument('-m', '--module', action='store_true')
     p.add_argument('--no-python', '--no_python', dest='no_python', action='store_true')
     p.add_argument('--max-restarts', '--max_restarts', dest='max_restarts', type=int, default=0)
+    p.add_argument('--rdzv-backend', '--rdzv_backend', dest='rdzv_backend', default='static')
+    p.add_argument('--rdzv-endpoint', '--rdzv_endpoint', dest='rdzv_endpoint', default='')
+    p.add_argument('--rdzv-id', '--rdzv_id', dest='rdzv_id', default='none',
+                   help="the workers' TORCHELASTIC_RUN_ID (default: a random id)")
+    p.add_argument('--role', default='default', help='ROLE_NAME given to the workers')
     p.add_argument('--log-dir', '--log_dir', dest='log_dir', default=None, help='per-rank log files here')
+    # torchrun's tuning knobs of its own agent and worker start-up: nothing to tune here
+    for flag, alt in (('--monitor-interval', '--monitor_interval'), ('--start-method', '--start_method')):
+        p.add_argument(flag, alt, dest=alt[2:], default=None, help='accepted and ignored (no polling agent here)')
     p.add_argument('--local-ranks-filter', '--local_ranks_filter', dest='local_ranks_filter', default=None,
                    help='only these local ranks on the console, e.g. 0 or 0,2')
     p.add_argument('--raw_output', action='store_true', help='no rank prefix on console lines')
@@ -85,13 +107,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def nproc_from(spec: str) -> int:
     from dslaunch.devices import gpu_count
 
+    def cpu_count() -> int:
+        try:
+            return len(os.sched_getaffinity(0)) or 1  # what torch counts: taskset/cgroup limits
+        except AttributeError:
+            return os.cpu_count() or 1
+
     if spec in ('gpu', 'auto'):
         n = gpu_count()
         if n > 0 or spec == 'auto':
-            return n or (os.cpu_count() or 1)
+            return n or cpu_count()
         raise UsageError('--nproc-per-node gpu: no GPU found')
     if spec == 'cpu':
-        return os.cpu_count() or 1
+        return cpu_count()
     try:
         n = int(spec)
     except ValueError:
@@ -101,11 +129,24 @@ def nproc_from(spec: str) -> int:
     return n
 
 
-def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str) -> list[RankPlan]:
+def substitute_local_rank(words: Sequence[str], local_rank: int) -> list[str]:
+    """torchrun's macro: `${local_rank}` (or `$local_rank`) in the script's arguments becomes the
+    worker's local rank; any other `$` text is left alone."""
+    if not any('$' in w for w in words):
+        return list(words)
+    from string import Template  # only when needed: `string` is not on the CLI's start path
+
+    return [Template(w).safe_substitute(local_rank=str(local_rank)) for w in words]
+
+
+def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: str = 'none') -> list[RankPlan]:
     from dslaunch.launch import RankPlan
 
     try:
-        nnodes = int(args.nnodes)
+        lo, _, hi = str(args.nnodes).partition(':')
+        nnodes = int(lo)
+        if hi and int(hi) != nnodes:
+            raise ValueError(args.nnodes)
     except ValueError:
         raise UsageError(f'--nnodes {args.nnodes!r}: only a fixed node count is supported here; '
                          'use --elastic_training with --min_elastic_nodes/--max_elastic_nodes for ranges') from None
@@ -124,20 +165,32 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str) -> list[
         argv.append(args.training_script)
         if not args.use_env:
             argv.append(f'--local-rank={local}')
-        argv += args.training_script_args
+        argv += substitute_local_rank(args.training_script_args, local)
         env = {
             'RANK': str(rank), 'LOCAL_RANK': str(local), 'WORLD_SIZE': str(world),
             'LOCAL_WORLD_SIZE': str(nproc), 'LOCAL_SIZE': str(nproc),
             'GROUP_RANK': str(args.node_rank), 'GROUP_WORLD_SIZE': str(nnodes),
-            'ROLE_RANK': str(rank), 'ROLE_WORLD_SIZE': str(world), 'ROLE_NAME': 'default',
+            'ROLE_RANK': str(rank), 'ROLE_WORLD_SIZE': str(world), 'ROLE_NAME': args.role,
             'CROSS_RANK': str(args.node_rank), 'CROSS_SIZE': str(nnodes),
             'MASTER_ADDR': args.master_addr, 'MASTER_PORT': str(args.master_port),
         }
+        # what torchrun's agent adds: scripts that ask torch.distributed.is_torchelastic_launched()
+        # see True; the ranks' rank 0 hosts its own store (no agent store to share here)
+        env.update({
+            'TORCHELASTIC_RUN_ID': run_id, 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
+            'TORCHELASTIC_USE_AGENT_STORE': 'False',
+            'TORCH_NCCL_ASYNC_ERROR_HANDLING': os.environ.get('TORCH_NCCL_ASYNC_ERROR_HANDLING', '1'),
+        })
         if nproc > 1 and 'OMP_NUM_THREADS' not in os.environ:
             env['OMP_NUM_THREADS'] = '1'  # torchrun's default, to keep N workers from oversubscribing
         log = os.path.join(args.log_dir, f'{log_stamp}_rank{rank}.log') if args.log_dir else None
         plans.append(RankPlan(rank=rank, local_rank=local, argv=argv, env_overrides=env, log_name=log))
     return plans
+
+
+def _random_run_id() -> str:
+    h = os.urandom(16).hex()  # a UUID's shape, as torchrun's default run id (without importing uuid)
+    return f'{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}'
 
 
 def main(argv: Sequence[str], prog: str | None = None) -> int:
@@ -149,14 +202,29 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
 
     args = build_parser(prog).parse_args(list(argv))
     probes = SystemProbes()
+    if args.rdzv_backend != 'static' and not args.standalone:
+        if str(args.nnodes).split(':')[-1] != '1':
+            raise UsageError(f'--rdzv-backend {args.rdzv_backend}: only the static rendezvous is supported here; '
+                             'give each node --node-rank, --master-addr and --master-port, '
+                             'or use --elastic_training')
+        args.standalone = True  # one node: what torchrun's c10d on localhost amounts to
+    if args.rdzv_endpoint and not args.standalone:
+        host, _, port = args.rdzv_endpoint.rpartition(':')
+        if not host or not port.isdigit():
+            raise UsageError(f'--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT')
+        args.master_addr, args.master_port = host.strip('[]'), int(port)
     if args.standalone:
         args.master_addr, args.nnodes, args.node_rank = '127.0.0.1', '1', 0
         args.master_port = probes.free_port()
-    elif args.master_port == 0:
+    elif args.master_port == 0 or (args.master_port is None and str(args.nnodes).split(':')[-1] == '1'):
         args.master_port = probes.free_port()
+    elif args.master_port is None:
+        args.master_port = 29500
     if args.max_restarts:
         raise UsageError('--max-restarts needs the elastic agent: use --elastic_training')
-    plans = plans_for(args, python=sys.executable, log_stamp=time.strftime('%Y%m%d%H%M%S'))
+    python = os.environ.get('PYTHON_EXEC', sys.executable)  # torchrun's override of the workers' interpreter
+    run_id = args.rdzv_id if args.rdzv_id != 'none' else _random_run_id()
+    plans = plans_for(args, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=run_id)
     if args.dry_run:
         for p in plans:
             env = ' '.join(f'{k}={shlex.quote(v)}' for k, v in p.env_overrides.items())
@@ -177,3 +245,10 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         console = {p.rank for p in plans if p.local_rank in local}
     return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
                      grace_period=args.grace_period)
+
+
+if __name__ == '__main__':  # `python -m dslaunch.torch_launch ...`, like `python -m torch.distributed.launch`
+    from dslaunch.cli import main as _cli_main
+
+    sys.argv[1:1] = ['--nproc-per-node', '1']  # torch's default; a later --nproc-per-node wins
+    _cli_main()

@@ -1,0 +1,134 @@
+"""The torch.distributed.launch / torchrun front end (`dslaunch --nproc-per-node N ...`).
+
+Each case here was found by running the same command lines under torch 2.15's own launchers and
+comparing what the workers received (argv and environment)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dslaunch import torch_launch
+from dslaunch.errors import UsageError
+from test_cli_e2e import DUMP, dslaunch, free_port, one_error_line
+
+
+def _ranks(tmp_path: Path, n: int) -> list[dict]:
+    return [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(n)]
+
+
+@pytest.mark.parametrize('head', [['--master_port', '{port}'], ['--master-addr', '127.0.0.1', '--master-port', '{port}'],
+                                  ['--node_rank', '0', '--nnodes', '1']])
+def test_a_valued_option_before_the_torch_option_still_selects_the_torch_cli(tmp_path: Path, head: list[str]) -> None:
+    port = str(free_port())
+    proc = dslaunch(*[w.format(port=port) for w in head], '--nproc_per_node', '2', DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert [r['env']['LOCAL_WORLD_SIZE'] for r in _ranks(tmp_path, 2)] == ['2', '2']
+
+
+def test_options_after_the_script_never_select_the_torch_cli() -> None:
+    assert not torch_launch.wants_torch_cli(['--master_port', '1234', 'train.py', '--nproc_per_node', '2'])
+    assert not torch_launch.wants_torch_cli(['--num_gpus', '2', '--nproc_per_node', '2', 'train.py'])
+    assert torch_launch.wants_torch_cli(['--master_port', '1234', '--nproc_per_node', '2', 'train.py'])
+
+
+def test_local_rank_macro_and_torchelastic_variables(tmp_path: Path) -> None:
+    proc = dslaunch('--nnodes', '1:1', '--nproc-per-node', '2', '--role', 'trainer', '--rdzv-id', 'job7', DUMP,
+                    '--dev=${local_rank}', '$local_rank', '$HOME', env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    for r, got in enumerate(_ranks(tmp_path, 2)):
+        assert got['argv'] == [f'--local-rank={r}', f'--dev={r}', str(r), '$HOME']
+        env = got['env']
+        assert (env['ROLE_NAME'], env['TORCHELASTIC_RUN_ID'], env['TORCHELASTIC_RESTART_COUNT']) == ('trainer', 'job7', '0')
+        assert env['TORCHELASTIC_USE_AGENT_STORE'] == 'False'  # the ranks' rank 0 hosts the store
+
+
+def test_one_node_without_a_port_uses_a_free_one(tmp_path: Path) -> None:
+    # as torchrun: a second single-node job on the host does not collide on 29500
+    import socket
+
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            held.bind(('127.0.0.1', 29500))
+            held.listen()
+        except OSError:
+            pass  # taken by something else already: just as good for this test
+        proc = dslaunch('--nproc-per-node', '2', DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    ports = {r['env']['MASTER_PORT'] for r in _ranks(tmp_path, 2)}
+    assert len(ports) == 1 and ports != {'29500'}
+
+
+def test_module_entry_runs_like_torch_distributed_launch(tmp_path: Path) -> None:
+    env = {**os.environ, 'DUMP_DIR': str(tmp_path)}
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    proc = subprocess.run([sys.executable, '-m', 'dslaunch.torch_launch', '--nproc_per_node=2', DUMP, 'x'], env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert [r['argv'] for r in _ranks(tmp_path, 2)] == [['--local-rank=0', 'x'], ['--local-rank=1', 'x']]
+    proc = subprocess.run([sys.executable, '-m', 'dslaunch.torch_launch', DUMP], env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0 and 'hello from rank 0' in proc.stdout, proc.stderr  # one worker by default
+
+
+def test_static_rendezvous_endpoint_gives_master_addr_and_port(tmp_path: Path) -> None:
+    port = free_port()
+    proc = dslaunch('--rdzv-backend', 'static', '--rdzv-endpoint', f'127.0.0.1:{port}', '--nproc-per-node', '2',
+                    DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert {(r['env']['MASTER_ADDR'], r['env']['MASTER_PORT']) for r in _ranks(tmp_path, 2)} == {('127.0.0.1', str(port))}
+    proc = dslaunch('--rdzv-backend', 'c10d', '--rdzv-endpoint', 'localhost:0', '--nproc-per-node', '1', DUMP,
+                    env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr  # c10d on one node: a standalone job
+
+
+@pytest.mark.parametrize('args, needle', [
+    (['--rdzv-backend', 'c10d', '--nnodes', '2', '--nproc-per-node', '1'], 'only the static rendezvous'),
+    (['--nnodes', '1:2', '--nproc-per-node', '1'], 'only a fixed node count'),
+    (['--rdzv-endpoint', 'nohostport', '--nproc-per-node', '1'], 'expected HOST:PORT'),
+])
+def test_unsupported_rendezvous_is_one_error_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = dslaunch(*args, DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode != 0
+    assert needle in one_error_line(proc)
+    assert not list(tmp_path.iterdir())
+
+
+def _args(**over: object) -> argparse.Namespace:
+    args = torch_launch.build_parser().parse_args(['x.py'])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_default_master_port_is_29500_only_across_nodes() -> None:
+    proc = dslaunch('--nnodes', '2', '--node-rank', '1', '--nproc-per-node', '1', '--dry_run', DUMP)
+    assert proc.returncode == 0, proc.stderr
+    assert 'MASTER_PORT=29500' in proc.stdout
+
+
+def test_python_exec_chooses_the_workers_interpreter() -> None:
+    proc = dslaunch('--nproc-per-node', '1', '--dry_run', DUMP, env={'PYTHON_EXEC': '/usr/bin/python3'})
+    assert proc.returncode == 0, proc.stderr
+    assert f' /usr/bin/python3 -u {DUMP} --local-rank=0' in proc.stdout
+
+
+def test_cpu_count_follows_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0})
+    assert torch_launch.nproc_from('cpu') == 1
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 3, 5})
+    assert torch_launch.nproc_from('cpu') == 3
+
+
+def test_plans_substitute_only_the_local_rank_macro() -> None:
+    plans = torch_launch.plans_for(_args(nproc_per_node='2', master_port=1, training_script_args=['${local_rank}', '$x']),
+                                   python='py', log_stamp='s')
+    assert [p.argv[-2:] for p in plans] == [['0', '$x'], ['1', '$x']]
+    with pytest.raises(UsageError):
+        torch_launch.plans_for(_args(nnodes='2:3', master_port=1), python='py', log_stamp='s')

@@ -62,7 +62,10 @@ def test_children_argv(case):
         else:
             assert seen_script == script
         assert plan.argv[at + 1 :] == child['argv'][1:]
-        assert plan.log_name is None
+        if args.enable_each_rank_log == 'None':
+            assert plan.log_name is None
+        else:  # launch.py redirects each rank to <dir>/<YYYYmmddHHMMSS>_rank<RANK>.log
+            assert plan.log_name == os.path.join(args.enable_each_rank_log, f'{STAMP}_rank{plan.rank}.log')
 
 
 @pytest.mark.parametrize('case', CASES, ids=golden.case_id)

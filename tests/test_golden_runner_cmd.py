@@ -475,10 +475,11 @@ def main_exports(case: dict[str, Any], name: str, cwd: str) -> list[tuple[str, s
         )
     pairs_: list[tuple[str, str]] = list(out.items())
     env = dict(case['env_in'])
-    env['PYTHONPATH'] = f'{cwd}:{env["PYTHONPATH"]}' if env.get('PYTHONPATH') else cwd
+    env['PYTHONPATH'] = f'{cwd}:{env["PYTHONPATH"]}' if 'PYTHONPATH' in env else cwd  # '' gives '<cwd>:'
     skip = {'NCCL_IB_HCA', 'UCX_NET_DEVICES'} if 'AISC_JOB_NAME' in env else set()
     pairs_ += [(k, v) for k, v in env.items() if k.startswith(EXPORT_PREFIXES) and k not in skip]
-    files = case.get('deepspeed_env_files') or {}
+    wanted = case['env_in'].get('DS_ENV_FILE', '.deepspeed_env')
+    files = {f: t for f, t in (case.get('deepspeed_env_files') or {}).items() if os.path.basename(f) == wanted}
     for fname in sorted(files, key=lambda f: not f.startswith(('~', '<', '/'))):  # home file first, then ./
         for line in files[fname].splitlines(keepends=True):
             k, v = line.split('=', 1)
@@ -489,7 +490,7 @@ def main_exports(case: dict[str, Any], name: str, cwd: str) -> list[tuple[str, s
 @pytest.mark.parametrize('case', MAIN_MULTI, ids=case_id)
 def test_runner_main_multinode_cmd(case, in_tmp):
     args = ds_parser().parse_args(case['deepspeed_argv'])
-    name = args.launcher.lower()
+    name = args.launcher = args.launcher.lower()  # main() lowercases it before building the backend
     if not args.master_addr:
         args.master_addr = '10.1.2.3'  # the vectors' patched `ssh <host> hostname -I`
     pool = parse_hostfile(case['hostfile'])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ ASSERT_AS_ERROR = 'assert-raised-as-error'
 ENV_FILE = 'env-file-tolerant'
 AUTOTUNING = 'autotuning-unsupported'
 BACKEND_OWN = 'backend-deviation'
+MASTER_PORT_ZERO = 'master-port-zero-picks-free-port'
 
 
 class FakeProbes:
@@ -238,6 +240,12 @@ def _expect_launch(case, args, probes, out):
             out.master_addr = first if (multinode or args.no_ssh) else '127.0.0.1'
     if out.ssh_calls != ds_ssh_calls(case):
         out.tags.add(SSH_WHERE_USED)
+    if not multinode and _is_backend_refusal(case.get('error')):
+        out.tags.add(BACKEND_OWN)  # DeepSpeed asks the backend even when the job then runs locally
+    if args.master_port == 0:
+        if multinode or args.no_ssh:
+            _fail(out, UsageError, None, MASTER_PORT_ZERO, contains='--master_port 0')
+        out.tags.add(MASTER_PORT_ZERO)  # local: a free port is chosen
     out.mode = 'multinode' if multinode else 'local'
 
 
@@ -247,9 +255,9 @@ def _expect_exports(case, env, env_file_texts, out):
     exports = collect_exports(exports_env)
     for name, text in env_file_texts.items():
         try:
-            exports.update(parse_env_file(text.splitlines(keepends=True), source=name))
+            exports.update(parse_env_file(text.splitlines(keepends=True), source=os.path.join(case['_cwd'], name)))
         except EnvFileError as exc:
-            _fail(out, EnvFileError, str(exc))
+            _fail(out, EnvFileError, str(exc), ENV_FILE)
         if any(
             not line.strip() or line.strip().startswith('#') or line.startswith('export ') for line in text.splitlines()
         ):
@@ -300,7 +308,7 @@ def _is_backend_refusal(ds_error: dict[str, str] | None) -> bool:
 _EXPLAINS = [
     (lambda e: 'was not reachable via ssh' in e['message'], {SSH_WHERE_USED}),
     (lambda e: e['type'] == 'IndexError', {EMPTY, HOSTNAME_EMPTY, SSH_WHERE_USED}),
-    (lambda e: 'no GPU resources' in e['message'], {CPU_RANKS}),
+    (lambda e: 'no GPU resources' in e['message'], {CPU_RANKS, CUDA_IDS}),
     (lambda e: 'invalid literal for int()' in e['message'] or e['message'].startswith('No slot'), {CUDA_IDS}),
     (lambda e: 'Cannot specify num_nodes/gpus' in e['message'], {CUDA_IDS}),
     (lambda e: 'not enough values to unpack' in e['message'], {ENV_FILE}),
@@ -396,8 +404,9 @@ def _compare_with_deepspeed_success(case, plan, expected, env, cwd):
         changes = vectors.fill(case.get('popen_env_changes', {}), CWD=cwd)
         assert plan.env['PYTHONPATH'] == changes['PYTHONPATH']
         if plan.backend == 'pdsh' and ENV_FILE not in expected.tags:
+            exports_word = next((w for w in case['cmd'] if w.startswith('export ')), '')  # after launcher_args/venv
             exported = [
-                part.split('=', 1)[0].removeprefix('export ') for part in case['cmd'][6].split('; ') if part.strip()
+                part.split('=', 1)[0].removeprefix('export ') for part in exports_word.split('; ') if part.strip()
             ]
             assert list(plan.exports) == exported
 
@@ -405,6 +414,9 @@ def _compare_with_deepspeed_success(case, plan, expected, env, cwd):
 def _swap(word: str, plan, expected: Outcome) -> str:
     if word.startswith('--world_info='):
         return f'--world_info={plan.world_info}'
+    if word.startswith('--master_port=') and word != f'--master_port={plan.master_port}':
+        assert MASTER_PORT_ZERO in expected.tags, f'undocumented master_port {plan.master_port}'
+        return f'--master_port={plan.master_port}'
     if word.startswith('--master_addr='):
         ds_value = word.split('=', 1)[1]
         if ds_value != plan.master_addr:

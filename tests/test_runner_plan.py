@@ -357,3 +357,13 @@ def test_shell_line_runs_with_the_planned_environment(tmp_path, removed):
     got_env = {k: v for k, v in got_env.items() if k not in ('PWD', 'SHLVL', '_', 'LC_CTYPE')}
     assert got_env == env and got_args == cmd[3:]
     assert runner.shell_line(['a', 'b c'], base, base) == "a 'b c'"
+
+
+@pytest.mark.parametrize('launcher, name', [('mpich', 'MPICH'), ('impi', 'Intel MPI'), ('mvapich', 'mvapich')])
+def test_unequal_hosts_are_refused_before_any_ssh(cwd, launcher, name):
+    # DeepSpeed's MPI runners need the same slot count on every host of the hostfile; the plan
+    # refuses such a world with DeepSpeed's text before it probes a single host
+    probes = Probes()
+    with pytest.raises(ResourceFilterError, match=f'^{name} requires same number of devices per node$'):
+        _plan(cwd, '--launcher', launcher, '--master_addr', 'a', hostfile='a slots=4\nb slots=2\n', probes=probes)
+    assert not [c for c in probes.calls if c[0] == 'ssh']

@@ -205,6 +205,13 @@ class MultiNodeRunner:
                     'Filter whole hosts, or keep the first N slots on every host.'
                 )
 
+    def reject_unequal_pool(self, message: str) -> None:
+        """DeepSpeed's check of the hostfile's slot counts (made in its ``get_cmd``), made when the backend is
+        built: the runner's plan then refuses the world before any ssh, with DeepSpeed's text."""
+        counts = list(self.resource_pool.values())
+        if counts and any(n != counts[0] for n in counts):
+            raise ResourceFilterError(message)
+
     @staticmethod
     def equal_slots(active: ActiveResources, message: str) -> tuple[int, int]:
         """(total, per host) when every host has the same slot count, else ResourceFilterError(message)."""

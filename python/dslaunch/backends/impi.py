@@ -64,6 +64,7 @@ class IMPIRunner(MultiNodeRunner):
 
     def validate_args(self) -> None:
         self.reject_filters()
+        self.reject_unequal_pool('Intel MPI requires same number of devices per node')
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
         total, per_host = self.equal_slots(active_resources, 'Intel MPI requires same number of devices per node')

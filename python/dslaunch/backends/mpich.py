@@ -44,6 +44,7 @@ class MPICHRunner(MultiNodeRunner):
 
     def validate_args(self) -> None:
         self.reject_filters()
+        self.reject_unequal_pool('MPICH requires same number of devices per node')
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
         total, per_host = self.equal_slots(active_resources, 'MPICH requires same number of devices per node')

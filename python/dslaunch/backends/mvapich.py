@@ -65,6 +65,7 @@ class MVAPICHRunner(MultiNodeRunner):
 
     def validate_args(self) -> None:
         self.reject_filters()
+        self.reject_unequal_pool('mvapich requires same number of devices per node')
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
         total, per_host = self.equal_slots(active_resources, 'mvapich requires same number of devices per node')

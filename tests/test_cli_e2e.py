@@ -291,6 +291,15 @@ def test_missing_script(tmp_path: Path) -> None:
     assert 'nope.py' in one_error_line(proc)
 
 
+def test_script_that_is_a_directory_runs(tmp_path: Path) -> None:
+    # python runs a directory with __main__.py (as DeepSpeed's ranks do); it is not "missing"
+    pkg = tmp_path / 'app'
+    pkg.mkdir()
+    (pkg / '__main__.py').write_text('import sys; sys.exit(3)')
+    proc = dslaunch('--num_gpus', '2', str(pkg))
+    assert proc.returncode == 3
+
+
 def test_missing_program_with_no_python(tmp_path: Path) -> None:
     proc = dslaunch('--no_python', '--num_gpus', '2', 'no-such-program-xyz')
     assert proc.returncode != 0

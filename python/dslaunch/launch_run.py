@@ -46,11 +46,13 @@ def parse_rank_selection(spec: str | None) -> set[int] | None:
 
 def check_script(args: argparse.Namespace) -> None:
     """A missing training script is one clear error before anything starts (DeepSpeed starts
-    every rank and lets each print its own 'can't open file')."""
+    every rank and lets each print its own 'can't open file'). Anything that exists is left to
+    python, which also runs a directory or zip with `__main__.py`, `/dev/null`, a FIFO or
+    `<(...)`: `os.path.isfile` would reject those although DeepSpeed runs them."""
     if args.no_python or args.module:
         return
     script = args.training_script
-    if not os.path.isfile(script):
+    if not os.path.exists(script):
         raise UsageError(f'training script {script!r} not found (cwd {os.getcwd()})')
 
 

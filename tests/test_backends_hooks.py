@@ -88,3 +88,14 @@ def test_backend_checks_need_no_instance() -> None:
 ])  # fmt: skip
 def test_slurm_first_node(nodelist: str, first: str | None) -> None:
     assert first_node(nodelist) == first
+
+
+def test_impi_refuses_a_core_list_too_short_for_its_ranks():
+    # DeepSpeed's IMPI get_cmd asserts this for the per-host rank count; the list is the same on every host
+    from dslaunch.errors import CoreBindingError
+
+    runner = make_runner('impi', args(bind_cores_to_rank=True, bind_core_list='0-4'), 'e30=', {'h1': 8, 'h2': 8})
+    with pytest.raises(CoreBindingError, match='^At least one core needs to be assigned to each rank$'):
+        runner.get_cmd({}, {'h1': list(range(8)), 'h2': list(range(8))})
+    runner = make_runner('impi', args(bind_cores_to_rank=True, bind_core_list='0-15'), 'e30=', {'h1': 8, 'h2': 8})
+    assert '--bind_core_list=0-15' in runner.get_cmd({}, {'h1': list(range(8)), 'h2': list(range(8))})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import vectors
@@ -151,3 +152,21 @@ def test_main_missing_program(tmp_path):
 
 def test_unknown_launcher_error_type():
     assert issubclass(UnknownLauncherError, NotImplementedError)
+
+
+@pytest.mark.skipif(not os.path.exists('/usr/bin/numactl') or len(os.sched_getaffinity(0)) < 2,
+                    reason='needs numactl and two cores')
+def test_main_binds_cores_like_deepspeeds_impi_segments(tmp_path):
+    # DeepSpeed's IMPI runner put `-genv OMP_NUM_THREADS <cores per rank>` and a `numactl -C` prefix
+    # in each rank's segment; the helper does both on the rank's own node
+    script = _script(tmp_path, "sys.exit(0 if (sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
+                               " == ([1], '1') else 9)\n")
+    env = {**MPI_ENV, 'MPI_LOCALNRANKS': '2'}
+    assert launcher_helper.main(['--launcher', 'impi', '--bind_cores_to_rank', '--bind_core_list', '0-1', script],
+                                environ=env) == 0
+
+
+def test_bind_cores_without_local_size_is_a_usage_error():
+    args = launcher_helper.parse_args(['--bind_cores_to_rank', 'x.py'])
+    with pytest.raises(UsageError, match='LOCAL_SIZE'):
+        launcher_helper.bind_cores(args, {'LOCAL_RANK': '0'})

@@ -107,3 +107,17 @@ def test_system_topology_is_lazy_and_sane():
     assert 'numa_cores' not in vars(topo) and 'physical_cores' not in vars(topo)
     assert topo.physical_cores >= 1
     assert all(isinstance(core, int) for node in topo.numa_cores for core in node)
+
+
+@pytest.mark.parametrize('numa_cores, expected', [
+    # facts from DeepSpeed 0.19.8's get_numactl_cmd: a CPU-less node breaks a run of repeated CPU lists
+    ([list(range(8)), [], list(range(8))], ['numactl', '-m', '0', '-C', '0-7']),
+    ([list(range(8)), list(range(8)), [], list(range(8))], ['numactl', '-m', '0,1', '-C', '0-7']),
+])
+def test_a_cpu_less_node_ends_a_fake_numa_group(numa_cores, expected):
+    assert get_numactl_cmd('0-7', 1, 0, topology=StaticTopology(numa_cores, 8), environ={}) == (8, expected)
+
+
+def test_a_bad_range_error_quotes_the_whole_list():
+    with pytest.raises(CoreBindingError, match=r"'a-b' in '0,a-b'"):
+        parse_range_list('0,a-b')

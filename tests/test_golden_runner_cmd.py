@@ -183,7 +183,7 @@ def expect_pdsh(w: World) -> list[str]:
     p = 6 + len(w.la)
     assert ds[1:p] == ['-S', '-f', '1024', '-w', ','.join(w.active), *w.la]
     i, venv = p, []
-    if args.venv_script:
+    if args.venv_script is not None:
         assert ds[i] == f'source {args.venv_script};'
         venv, i = [f'source {pq(args.venv_script)};'], i + 1
     assert ds[i] == ''.join(f'export {k}={v}; ' for k, v in w.stored.items())
@@ -191,7 +191,7 @@ def expect_pdsh(w: World) -> list[str]:
     launch, tail = ds[i + 2 : len(ds) - 1 - len(args.user_args)], ds[len(ds) - 1 - len(args.user_args) :]
     assert tail == [args.user_script] + [ds_pdsh_user_arg(a) for a in args.user_args]
     assert launch[:4] == [PY, '-u', '-m', 'deepspeed.launcher.launch'] and launch[5] == '--node_rank=%n'
-    assert launch[-1].startswith('--enable_each_rank_log=')
+    assert launch[-1].startswith('--enable_each_rank_log=') or not args.enable_each_rank_log
     launch[3] = 'dslaunch.launch'
     forwarded = (
         (['--bind_cores_to_rank'] if args.bind_cores_to_rank else [])
@@ -367,9 +367,10 @@ def assert_backend(
 
 
 # ---- runner_cmd_cases.json: cases ----------------------------------------------------------------
-def constructor_exports(case: dict[str, Any]) -> dict[str, str]:
-    added = {k.strip() for k, _ in case['exports_added_in_order']}
-    return {k: v for k, v in case.get('exports_after_add', {}).items() if k not in added}
+def raw_exports(case: dict[str, Any]) -> dict[str, str]:
+    """DeepSpeed's exports in its order, with raw values: a key added again keeps its first position."""
+    last = {k.strip(): v for k, v in case['exports_added_in_order']}
+    return {k: last.get(k, v) for k, v in case['exports_after_add'].items()}
 
 
 @pytest.fixture
@@ -393,9 +394,12 @@ def test_runner_cmd_case(case, in_tmp, capsys):
     env_in = dict(case['environment_in'])
     env = dict(env_in)
     name = case['runner']
-    raw = constructor_exports(case) if 'exports_after_add' in case else {'UCX_TLS': 'tcp'} if name == 'openmpi' else {}
-    for k, v in case['exports_added_in_order']:
-        raw[k.strip()] = v
+    if 'exports_after_add' in case:
+        raw = raw_exports(case)
+    else:
+        raw = {'UCX_TLS': 'tcp'} if name == 'openmpi' else {}
+        for k, v in case['exports_added_in_order']:
+            raw[k.strip()] = v
     w = World(name, args, pool, active, raw, case.get('cmd'), in_tmp)
 
     def build():
@@ -440,7 +444,7 @@ def test_runner_cmd_case(case, in_tmp, capsys):
         for k, v in case['exports_added_in_order']:
             marked.add_export(k, v)
         marked_cmd = marked.get_cmd(dict(env_in), active)
-        i = p + (1 if args.venv_script else 0)
+        i = p + (1 if args.venv_script is not None else 0)
         assert marked_cmd[:i] + marked_cmd[i + 1 :] == cmd[:i] + cmd[i + 1 :]
         assert marked_cmd[i] == cmd[i] + 'export DSLAUNCH_JOB_ID=job-1; '
         kill = marked.kill_cmd('job-1')

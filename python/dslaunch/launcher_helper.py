@@ -22,7 +22,7 @@ from types import FrameType
 from .argparse_compat import CompatArgumentParser
 from .errors import DslaunchError, EnvMappingError, UnknownLauncherError, UsageError
 
-__all__ = ['HELPER_LAUNCHERS', 'build_parser', 'child_argv', 'child_env', 'env_mapping', 'main', 'parse_args']
+__all__ = ['HELPER_LAUNCHERS', 'bind_cores', 'build_parser', 'child_argv', 'child_env', 'env_mapping', 'main', 'parse_args']
 
 HELPER_LAUNCHERS = ('mpich', 'impi', 'openmpi', 'mvapich', 'slurm')
 
@@ -49,9 +49,9 @@ def build_parser(prog: str | None = None) -> CompatArgumentParser:
     p.add_argument('--no_python', action='store_true', help='Execute the script directly, without python.')
     p.add_argument('user_script', type=str, help='The training script (or module with --module).')
     p.add_argument('user_args', nargs=argparse.REMAINDER, help='Arguments for the training script.')
-    # Parsed for DeepSpeed compatibility; binding is done by the backend command, not here.
-    p.add_argument('--bind_cores_to_rank', action='store_true', help='Accepted and ignored.')
-    p.add_argument('--bind_core_list', type=str, default=None, help='Accepted and ignored.')
+    # The IMPI backend passes these (DeepSpeed bound cores in its per-rank MPMD segments).
+    p.add_argument('--bind_cores_to_rank', action='store_true', help='Pin this rank to its share of the cores (numactl).')
+    p.add_argument('--bind_core_list', type=str, default=None, help='Cores to share out, e.g. 0,2-5.')
     return p
 
 
@@ -108,6 +108,19 @@ def child_argv(args: argparse.Namespace, *, python: str | None = None) -> list[s
     return [python or sys.executable, '-u', *(['-m'] if args.module else []), args.user_script, *args.user_args]
 
 
+def bind_cores(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
+    """DeepSpeed's IMPI core binding, done on this node: the ``numactl`` prefix for LOCAL_RANK of
+    LOCAL_SIZE ranks; sets ``OMP_NUM_THREADS`` in ``env`` to the cores per rank (DeepSpeed: ``-genv``)."""
+    from .numa import get_numactl_cmd  # only for core binding: not on the start path
+
+    local_size, local_rank = env.get('LOCAL_SIZE', ''), env.get('LOCAL_RANK', '')
+    if not (local_size.isdigit() and local_rank.isdigit()):
+        raise UsageError('--bind_cores_to_rank needs LOCAL_SIZE and LOCAL_RANK (ranks per node, this rank)')
+    cores_per_rank, prefix = get_numactl_cmd(args.bind_core_list, int(local_size), int(local_rank), environ=env)
+    env['OMP_NUM_THREADS'] = str(cores_per_rank)
+    return prefix
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the script for this rank; return its exit status (128+N after signal N)."""
     args = parse_args(argv)
@@ -116,6 +129,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             raise UnknownLauncherError(f'Unknown launcher {args.launcher.lower()}')
         env = child_env(os.environ if environ is None else environ)
         cmd = child_argv(args)
+        if args.bind_cores_to_rank:
+            cmd = bind_cores(args, env) + cmd
     except DslaunchError as exc:
         print(f'{os.path.basename(sys.argv[0])}: error: {exc}', file=sys.stderr)
         return exc.exit_code

@@ -140,7 +140,7 @@ def parse_range_list(spec: str) -> list[int]:
     numbers: list[int] = []
     last = -1  # DeepSpeed starts here too, so a leading negative number counts as "not ascending"
     for part in spec.split(','):
-        sub = _parse_range(part)
+        sub = _parse_range(part, spec)
         if sub[0] <= last:
             raise CoreBindingError(
                 f"Bad range: '{spec}', sub ranges must not overlap with each other and should be in ascend order"
@@ -152,7 +152,7 @@ def parse_range_list(spec: str) -> list[int]:
     return numbers
 
 
-def _parse_range(part: str) -> range:
+def _parse_range(part: str, spec: str) -> range:
     try:
         single = int(part)
     except ValueError:
@@ -165,7 +165,8 @@ def _parse_range(part: str) -> range:
     try:
         start, end = int(ends[0]), int(ends[1])
     except ValueError:
-        raise CoreBindingError(f"Bad range: '{part}', both ends of a range must be integers") from None
+        where = '' if part == spec else f" in '{spec}'"
+        raise CoreBindingError(f"Bad range: '{part}'{where}, both ends of a range must be integers") from None
     if start > end:
         raise CoreBindingError(f"Bad range: '{part}', range end must larger than or equal to start")
     return range(start, end + 1)
@@ -237,17 +238,15 @@ def _fake_numa_groups(numa_cores: Sequence[Sequence[int]]) -> list[list[int]]:
     run: list[int] = []
     previous: Sequence[int] | None = None
     for node, cpus in enumerate(numa_cores):
-        if not cpus:
-            continue
-        if previous is not None and list(cpus) == list(previous):
-            if not run:
-                # DeepSpeed records node-1 here even when a CPU-less node sits in between;
-                # kept so the chosen -m list stays identical.
-                run.append(node - 1)
-            run.append(node)
-        elif run:
-            groups.append(run)
-            run = []
+        if cpus:
+            if previous is not None and list(cpus) == list(previous):
+                if not run:
+                    run.append(node - 1)
+                run.append(node)
+            elif run:
+                groups.append(run)
+                run = []
+        # As DeepSpeed: a CPU-less node is the "previous" one too, so it breaks a run of duplicates.
         previous = cpus
     if run:
         groups.append(run)

@@ -68,6 +68,11 @@ class IMPIRunner(MultiNodeRunner):
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
         total, per_host = self.equal_slots(active_resources, 'Intel MPI requires same number of devices per node')
+        if self.arg('bind_cores_to_rank') and self.arg('bind_core_list') is not None:
+            # The list is the same on every node: refuse here (DeepSpeed's check and text), not once per rank.
+            from ..numa import StaticTopology, get_numactl_cmd
+
+            get_numactl_cmd(self.arg('bind_core_list'), per_host, 0, topology=StaticTopology([], 1), environ={})
         binary = self.backend_binary(environment.get('PATH'))
         self._put_hydra_first(binary, environment)
         cmd = [binary, '-ppn', str(per_host)] + self.launcher_args()

@@ -63,7 +63,7 @@ class PDSHRunner(MultiNodeRunner):
 
         remote: list[str] = []
         venv = self.arg('venv_script')
-        if venv:
+        if venv is not None:  # DeepSpeed tests `is not None`: --venv_script '' still writes the word
             remote.append(f'source {pdsh_word(venv)};')
         remote.append(self._exports_word())
         remote.append(f'cd {pdsh_word(os.path.abspath("."))};')

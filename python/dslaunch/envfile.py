@@ -74,8 +74,11 @@ def env_file_paths(
 def parse_env_file(lines: Iterable[str], *, source: str = '<env file>') -> dict[str, str]:
     """``KEY=VALUE`` lines into a dict; key and value are stripped (DeepSpeed's ``add_export`` strips too).
 
-    Blank lines, ``#`` comment lines and a leading ``export `` are tolerated. The value is kept
-    verbatim otherwise (no unquoting, no inline comments), as DeepSpeed keeps it.
+    Blank lines, ``#`` comment lines and a leading ``export `` are tolerated. One pair of matching
+    quotes around the whole value is removed (``K="eth0"`` gives ``eth0``): under DeepSpeed's
+    default pdsh backend the remote shell removes them (DeepSpeed writes ``export K=""eth0"";``),
+    while its MPI backends hand ranks the quote characters. Nothing else is unquoted or expanded,
+    and ``#`` after a value is part of it.
     """
     result: dict[str, str] = {}
     for number, raw in enumerate(lines, start=1):
@@ -91,8 +94,14 @@ def parse_env_file(lines: Iterable[str], *, source: str = '<env file>') -> dict[
         key = key.strip()
         if not key:
             raise EnvFileError(f'{source}:{number}: empty variable name in {line!r}')
-        result[key] = value.strip()
+        result[key] = _unquoted(value.strip())
     return result
+
+
+def _unquoted(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in '"\'':
+        return value[1:-1]
+    return value
 
 
 def read_env_files(environ: Mapping[str, str] | None = None, *, paths: Sequence[str] | None = None) -> dict[str, str]:

@@ -198,6 +198,25 @@ def test_each_rank_log_files(tmp_path: Path) -> None:
     assert files[1].read_text().splitlines() == ['hello from rank 1', 'stderr from rank 1']
 
 
+def test_console_ranks_none_keeps_the_console_quiet_like_deepspeeds_rank_logs(tmp_path: Path) -> None:
+    # DeepSpeed's --enable_each_rank_log sends rank output to the files only; dslaunch also shows it
+    # on the console unless --console_ranks none
+    logs = tmp_path / 'logs'
+    proc = dslaunch('--num_gpus', '2', '--enable_each_rank_log', str(logs), '--console_ranks', 'none', DUMP,
+                    env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert 'from rank' not in proc.stdout + proc.stderr
+    assert sorted(f.read_text().splitlines()[0] for f in logs.iterdir()) == ['hello from rank 0', 'hello from rank 1']
+
+
+def test_background_processes_killed_at_the_end_are_reported_on_success(tmp_path: Path) -> None:
+    code = 'import subprocess, sys; subprocess.Popen(["sleep", "30"], start_new_session=True)'
+    proc = dslaunch('--num_gpus', '2', '--no_python', '--no_local_rank', sys.executable, '-c', code)
+    assert proc.returncode == 0, proc.stderr
+    assert 'dslaunch: 2 ranks finished OK' in proc.stderr
+    assert 'dslaunch: killed 2 process(es) the ranks left behind' in proc.stderr
+
+
 def test_raw_output_and_console_ranks(tmp_path: Path) -> None:
     proc = dslaunch('--num_gpus', '3', '--raw_output', DUMP, env={'DUMP_DIR': str(tmp_path)})
     assert sorted(ln for ln in proc.stdout.splitlines() if 'hello' in ln) == [f'hello from rank {r}' for r in range(3)]

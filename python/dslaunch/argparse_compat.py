@@ -58,7 +58,7 @@ class CompatArgumentParser(argparse.ArgumentParser):
             '--console_ranks',
             type=str,
             default=None,
-            help='Ranks whose output reaches the console, e.g. 0 or 0,2-3; unset: all.',
+            help='Ranks whose output reaches the console, e.g. 0 or 0,2-3; none: no rank; unset: all.',
         )
         self.add_extension('--report_json', type=str, default=None, help='Write the machine-readable job report here.')
         self.add_extension(

@@ -27,9 +27,12 @@ DEFAULT_PREFIX = '[{tag}]: '
 
 
 def parse_rank_selection(spec: str | None) -> set[int] | None:
-    """`0,2-3` -> {0, 2, 3}; None or '' -> None (all ranks)."""
+    """`0,2-3` -> {0, 2, 3}; None or '' -> None (all ranks); `none` -> no rank (a quiet console, as
+    DeepSpeed's with `--enable_each_rank_log`)."""
     if not spec:
         return None
+    if spec.strip().lower() == 'none':
+        return set()
     chosen: set[int] = set()
     for part in spec.split(','):
         part = part.strip()

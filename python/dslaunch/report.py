@@ -63,12 +63,12 @@ def render(report: Report, *, host: str | None = None, hangs: Sequence[Hang] = (
     stopped_hang = next((h for h in hangs if h.action == 'stop'), None)
     if report.success and not hangs:
         lines.append(f'dslaunch: {n} rank{"s" if n != 1 else ""}{where} finished OK in {wall:.1f} s')
-        return lines + _log_notes(report)
+        return lines + _leftovers_note(report) + _log_notes(report)
     cause = report.first_failure
     if report.success:
         lines.append(f'dslaunch: {n} rank{"s" if n != 1 else ""}{where} finished OK in {wall:.1f} s '
                      f'after {len(hangs)} hang report(s)')
-        return lines + _log_notes(report)
+        return lines + _leftovers_note(report) + _log_notes(report)
     if stopped_hang is not None and cause is None:
         lines.append(f'dslaunch: stopped{where} after a hang (no output for {stopped_hang.quiet_for:.1f} s) '
                      f'after {wall:.1f} s; exit status {returncode}')
@@ -93,9 +93,15 @@ def render(report: Report, *, host: str | None = None, hangs: Sequence[Hang] = (
     if cause is not None and cause.stderr_tail:
         lines.append(f'dslaunch: last stderr lines of rank {cause.tag}:')
         lines.extend(cause.stderr_tail)
-    if report.leftovers_killed:
-        lines.append(f'dslaunch: killed {report.leftovers_killed} process(es) the ranks left behind')
-    return lines + _log_notes(report)
+    return lines + _leftovers_note(report) + _log_notes(report)
+
+
+def _leftovers_note(report: Report) -> list[str]:
+    """Background processes the ranks left and the job end killed: said on success too, where it
+    matters most (a detached uploader or service lost its work without a word otherwise)."""
+    if not report.leftovers_killed:
+        return []
+    return [f'dslaunch: killed {report.leftovers_killed} process(es) the ranks left behind']
 
 
 def _log_notes(report: Report) -> list[str]:

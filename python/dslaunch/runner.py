@@ -607,11 +607,12 @@ def _check_dslaunch_flags(args: argparse.Namespace) -> None:
         raise UsageError(f'--grace_period must be >= 0 seconds, got {args.grace_period}')
     if getattr(args, 'hang_timeout', 0.0) < 0:
         raise UsageError(f'--hang_timeout must be >= 0 seconds (0 = off), got {args.hang_timeout}')
-    if getattr(args, 'console_ranks', None) is not None:
+    ranks = getattr(args, 'console_ranks', None)
+    if ranks is not None and ranks.strip().lower() != 'none':
         from .numa import parse_range_list  # same N,A-B syntax as --bind_core_list
 
         try:
-            parse_range_list(args.console_ranks)
+            parse_range_list(ranks)
         except CoreBindingError as exc:
             raise UsageError(f'--console_ranks: {exc}') from None
 

@@ -159,6 +159,24 @@ def test_trains_with_gloo_all_reduce_across_hosts(runner: Runner, engine: Engine
     assert sorted(agree) == ['0', '1', '2', '3'], run.stdout
 
 
+@pytest.mark.parametrize('engine', ['pdsh', 'impi'], indirect=True)
+def test_bind_cores_to_rank_pins_each_rank_on_its_host(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """--bind_cores_to_rank --bind_core_list 0-1 with 2 ranks a host: each rank runs on its own core
+    under numactl with OMP_NUM_THREADS=1 (pdsh: the per-node launcher; Intel MPI: the rank helper,
+    where DeepSpeed put numactl in every rank's MPMD segment)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip('needs two cores')
+    out = tmp_path / 'out'
+    run = runner.run(*engine.flags(), '-H', str(runner.cluster.hostfile), '--bind_cores_to_rank', '--bind_core_list',
+                     '0-1', '--master_port', str(PORT), *probe(out), engine=engine)
+    assert run.returncode == 0, run.stderr
+    records = runner.rank_records(out)
+    assert_rank_env(records, engine, port=PORT, placement=two_by_two(runner.cluster))
+    for rec in records.values():
+        local = int(rec['env']['LOCAL_RANK'])
+        assert (rec['cpus'], rec['env'].get('OMP_NUM_THREADS')) == ([local], '1'), rec
+
+
 @pytest.mark.parametrize('engine', ['openmpi'], indirect=True)
 def test_openmpi_counts_the_filtered_slots(runner: Runner, engine: Engine, tmp_path: Path) -> None:
     """--exclude h2:1 under Open MPI: 3 ranks (-n counts the kept slots, a per-job hostfile lists them)."""

@@ -19,7 +19,7 @@ import sys
 import time
 
 RANK_KEYS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
-EXTRA_KEYS = ('DSLAUNCH_TEST_TAG', 'DSLAUNCH_JOB_ID', 'PYTHONPATH')
+EXTRA_KEYS = ('DSLAUNCH_TEST_TAG', 'DSLAUNCH_JOB_ID', 'PYTHONPATH', 'OMP_NUM_THREADS')
 
 
 def main() -> int:
@@ -35,6 +35,7 @@ def main() -> int:
         'cwd': os.getcwd(),
         'env': {k: os.environ[k] for k in RANK_KEYS + EXTRA_KEYS if k in os.environ},
         'exports': {k: v for k, v in os.environ.items() if k.startswith('MLFLOW_DSLT_')},
+        'cpus': sorted(os.sched_getaffinity(0)),
         'started': time.time(),
     }
     path = os.path.join(outdir, f'rank{rank}.json')

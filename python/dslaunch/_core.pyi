@@ -154,6 +154,14 @@ class Supervisor:
         status_line: Keep a live status line (ranks running/exited/failed, elapsed time) below
             the ranks' output when stderr or stdout is a terminal; never on a pipe or file.
         keep_last_line: Keep each rank's last output line (`RankResult.last_line`).
+
+    Durations (`grace_period`, timeouts) may be `inf`: anything beyond 2**32 s means never.
+    A job is over only when every line its ranks wrote has reached the console: if nobody reads
+    `stdout_fd`/`stderr_fd` (a full pipe), `wait()` waits for that reader, after `kill()` too.
+    Dropping the last reference to a running supervisor kills its job; while its signal
+    handlers are installed (from `start()` on the main thread until the job is over and waited
+    for) they hold a reference, so `del` alone does not end it: call `kill()` or `wait()`. A
+    forked child's copy is inert: the job stays the parent's.
     """
 
     def __new__(

@@ -36,6 +36,19 @@ fn extract_env(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(OsString, OsString)>> {
         .collect()
 }
 
+/// `secs` seconds as a Duration: NaN and negatives are 0; more than `MAX_SECS` (inf included) is
+/// `MAX_SECS`, still far enough to mean "never" and small enough that `Instant + d` cannot overflow
+/// (`Duration::from_secs_f64` panics on inf or > u64::MAX s, `Instant + d` on ~2^63 ns..s).
+const MAX_SECS: f64 = 4_294_967_296.0; // 2^32 s, about 136 years
+fn secs(secs: f64) -> Duration {
+    Duration::from_secs_f64(if secs >= 0.0 { secs.min(MAX_SECS) } else { 0.0 })
+}
+
+/// The deadline of a `timeout` (None: no deadline).
+fn deadline_of(timeout: Option<f64>) -> Option<Instant> {
+    timeout.map(|t| Instant::now() + secs(t))
+}
+
 fn new_run_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/uuid")
         .map(|s| s.trim().replace('-', ""))
@@ -81,8 +94,8 @@ impl PyRankSpec {
 
     /// The argument vector.
     #[getter]
-    fn argv(&self) -> Vec<PathBuf> {
-        self.cfg.argv.iter().map(PathBuf::from).collect()
+    fn argv(&self) -> Vec<OsString> {
+        self.cfg.argv.clone()
     }
 
     /// Extra environment variables for this rank.
@@ -90,21 +103,21 @@ impl PyRankSpec {
     fn env<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (k, v) in &self.cfg.env {
-            d.set_item(PathBuf::from(k), PathBuf::from(v))?;
+            d.set_item(k, v)?;
         }
         Ok(d)
     }
 
     /// Working directory, or None.
     #[getter]
-    fn cwd(&self) -> Option<PathBuf> {
-        self.cfg.cwd.clone()
+    fn cwd(&self) -> Option<OsString> {
+        self.cfg.cwd.clone().map(PathBuf::into_os_string)
     }
 
     /// Per-rank log file, or None.
     #[getter]
-    fn log_file(&self) -> Option<PathBuf> {
-        self.cfg.log_file.clone()
+    fn log_file(&self) -> Option<OsString> {
+        self.cfg.log_file.clone().map(PathBuf::into_os_string)
     }
 
     /// Label used in the console prefix.
@@ -399,9 +412,15 @@ impl PySupervisor {
                 "collapse_window must be between 0 and 3600 seconds",
             ));
         }
-        if !(grace_period.is_finite() && grace_period >= 0.0) {
+        if grace_period.is_nan() || grace_period < 0.0 {
+            // inf (or anything beyond ~136 years) means: never SIGKILL
             return Err(PyValueError::new_err(
                 "grace_period must be a non-negative number of seconds",
+            ));
+        }
+        if stdout_fd < 0 || stderr_fd < 0 {
+            return Err(PyValueError::new_err(
+                "stdout_fd and stderr_fd must be open file descriptors",
             ));
         }
         let forward = forward_signals
@@ -434,7 +453,7 @@ impl PySupervisor {
             ranks: rank_cfgs,
             base_env,
             prefix,
-            grace: Duration::from_secs_f64(grace_period),
+            grace: secs(grace_period),
             fail_fast,
             stderr_tail,
             orphan_guard,
@@ -506,6 +525,7 @@ impl PySupervisor {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyReport>>> {
         let sup = self.handle()?;
+        let deadline = deadline_of(timeout);
         let main = is_main_thread(py)?;
         let signal = py.import("signal")?;
         let old_wakeup = if main {
@@ -515,7 +535,6 @@ impl PySupervisor {
         } else {
             None
         };
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let outcome: PyResult<bool> = loop {
             let wake_r = self.wake_r.as_fd();
             py.detach(|| {
@@ -591,7 +610,7 @@ impl PySupervisor {
     #[pyo3(signature = (timeout=None))]
     fn wait_exits<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyList>> {
         let sup = self.handle()?;
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = deadline_of(timeout);
         let exits = loop {
             let ready = py.detach(|| {
                 let step = deadline.map_or(Duration::from_millis(250), |d| {
@@ -640,7 +659,7 @@ impl PySupervisor {
         if !signals::is_valid(signal) {
             return Err(PyValueError::new_err(format!("invalid signal {signal}")));
         }
-        let grace = grace_period.map(|g| Duration::from_secs_f64(g.max(0.0)));
+        let grace = grace_period.map(secs);
         self.handle()?.send(Command::Terminate { sig: signal, grace });
         Ok(())
     }
@@ -704,7 +723,14 @@ impl PySupervisor {
                     grace: None,
                 });
             }
-            py.detach(|| sup.wait_timeout(None));
+            // As `wait()`: signals are handled meanwhile, so a Ctrl-C during the grace period
+            // kills at once instead of waiting unseen (and being swallowed afterwards).
+            if let Err(e) = self.wait(py, None) {
+                sup.send(Command::Kill);
+                py.detach(|| sup.wait_timeout(None));
+                self.restore_handlers(py);
+                return Err(e);
+            }
         }
         self.restore_handlers(py);
         Ok(false)
@@ -721,7 +747,7 @@ fn kill_tree(py: Python<'_>, pid: i32, grace_period: f64) -> PyResult<usize> {
     if pid <= 1 || pid == std::process::id() as i32 {
         return Err(PyValueError::new_err(format!("refusing to kill the tree of pid {pid}")));
     }
-    let grace = Duration::from_secs_f64(grace_period.max(0.0));
+    let grace = secs(grace_period);
     Ok(py.detach(|| tree::kill_tree(pid, grace)))
 }
 

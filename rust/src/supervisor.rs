@@ -234,6 +234,8 @@ struct Inner {
     thread: Mutex<Option<JoinHandle<()>>>,
     run_id: String,
     pids: Vec<i32>,
+    /// The process that started the loop thread: a forked child has no such thread to join.
+    owner_pid: u32,
 }
 
 /// A running job. Cheap to clone; the last handle dropped while the job still runs kills it.
@@ -396,6 +398,7 @@ impl Supervisor {
                 thread: Mutex::new(Some(thread)),
                 run_id: cfg.run_id,
                 pids,
+                owner_pid: std::process::id(),
             }),
         })
     }
@@ -490,21 +493,36 @@ impl Supervisor {
 
     /// Joins the loop thread once the job is done.
     fn join(&self) {
-        if let Some(t) = lock(&self.inner.thread).take() {
-            let _ = t.join();
+        self.inner.join();
+    }
+}
+
+impl Inner {
+    /// Joins the loop thread, in the process that started it only: in a forked child the thread
+    /// does not exist and joining it panics ("threads should not terminate unexpectedly").
+    fn join(&self) {
+        if let Some(t) = lock(&self.thread).take() {
+            if std::process::id() == self.owner_pid {
+                let _ = t.join();
+            } else {
+                std::mem::forget(t);
+            }
         }
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if std::process::id() != self.owner_pid {
+            // A forked child's copy: the job (and its loop) belong to the parent.
+            self.join();
+            return;
+        }
         if !lock(&self.shared.state).done {
             lock(&self.shared.commands).push(Command::Kill);
             let _ = self.waker.wake();
         }
-        if let Some(t) = lock(&self.thread).take() {
-            let _ = t.join();
-        }
+        self.join();
     }
 }
 

@@ -100,6 +100,12 @@ impl Watchdog {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The supervisor loop died: nobody will tear the job down. Close the pipe without
+            // killing the guard, which then sees EOF and kills every process of the job.
+            drop(self.pipe.take());
+            return;
+        }
         self.finish();
     }
 }

@@ -158,6 +158,11 @@ def test_bad_export_name_in_an_env_file_is_one_error_line(tmp_path: Path) -> Non
                     env={'DS_ENV_FILE': str(env_file)})
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines() == ["dslaunch: error: cannot export 'BAD\\x00NAME': not an environment variable name"]
+    env_file.write_text('GOOD=1\nFOO-BAR=2\n')  # valid for the environment, not for the remote shell (pdsh)
+    proc = dslaunch('-H', str(hostfile), '--no_ssh_check', '--master_addr', '10.0.0.1', '--dry_run', DUMP,
+                    env={'DS_ENV_FILE': str(env_file)})
+    assert proc.returncode == 1
+    assert "dslaunch: error: cannot export 'FOO-BAR'" in one_error_line(proc)
 
 
 @pytest.mark.parametrize('launcher', ['openmpi', 'mpich', 'impi', 'mvapich', 'slurm'])

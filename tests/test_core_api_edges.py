@@ -55,7 +55,7 @@ def test_a_negative_descriptor_is_a_value_error() -> None:
 
 
 def test_a_forked_child_can_drop_its_copy_of_a_running_supervisor() -> None:
-    code = r'''
+    code = r"""
 import gc, os, sys
 from dslaunch import _core
 sup = _core.Supervisor([_core.RankSpec(['sleep', '2'])], forward_signals=[], stdout_fd=os.open(os.devnull, os.O_WRONLY))
@@ -68,7 +68,7 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 report = sup.wait(timeout=20)
 print('child', os.waitstatus_to_exitcode(status), 'job', report.returncode if report else None)
-'''
+"""
     proc = subprocess.run([PY, '-c', code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert 'Panic' not in proc.stderr and 'panicked' not in proc.stderr, proc.stderr

@@ -367,3 +367,10 @@ def test_unequal_hosts_are_refused_before_any_ssh(cwd, launcher, name):
     with pytest.raises(ResourceFilterError, match=f'^{name} requires same number of devices per node$'):
         _plan(cwd, '--launcher', launcher, '--master_addr', 'a', hostfile='a slots=4\nb slots=2\n', probes=probes)
     assert not [c for c in probes.calls if c[0] == 'ssh']
+
+
+def test_an_inherited_name_no_shell_can_export_is_skipped_with_a_note(cwd):
+    # DeepSpeed's pdsh command has the remote bash reject `export PYTHON-FOO=x;` and the job goes on
+    plan = _plan(cwd, '--master_addr', 'w0', hostfile=TWO_HOSTS, env={'PYTHON-FOO': 'x', 'PYTHONX': '1'})
+    assert plan.mode == 'multinode' and 'PYTHON-FOO' not in plan.exports and plan.exports['PYTHONX'] == '1'
+    assert any("'PYTHON-FOO' is not a shell variable name" in n for n in plan.notes)

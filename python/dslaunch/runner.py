@@ -390,6 +390,11 @@ def plan(
     old_path = env.get('PYTHONPATH')
     env['PYTHONPATH'] = workdir if old_path is None else f'{workdir}:{old_path}'
     exports = collect_exports(env)
+    for name in [k for k in exports if not (k.isascii() and k.isidentifier())]:
+        # e.g. PYTHON-FOO inherited from the caller: no shell can export it (DeepSpeed's pdsh
+        # command has bash reject it and the job goes on without it); the env file stays strict
+        del exports[name]
+        notes.append(f'Not exported to the other hosts: {name!r} is not a shell variable name.')
     exports.update(read_env_files(env, paths=env_files if env_files is not None else env_file_paths(env, cwd=workdir)))
     return Plan(mode='multinode', env=env, backend=launcher, exports=exports, **common)
 
@@ -495,7 +500,11 @@ def backend_runner_command(p: Plan) -> tuple[list[str], Any]:
             raise DslaunchError(str(e)) from None
     # get_cmd may add to the environment (PDSH_RCMD_TYPE, ...): p.env is what must be run with.
     # Multi-node worlds come from a hostfile, so their slots are ints (UUIDs only occur locally).
-    return list(runner.get_cmd(p.env, cast('dict[str, list[int]]', p.active))), runner
+    try:
+        cmd = list(runner.get_cmd(p.env, cast('dict[str, list[int]]', p.active)))
+    except ValueError as e:  # e.g. PDSH: an exported name the remote shell cannot `export` ('PYTHON-FOO')
+        raise DslaunchError(str(e)) from None
+    return cmd, runner
 
 
 def _backends_module() -> Any:

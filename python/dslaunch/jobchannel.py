@@ -18,6 +18,7 @@ connection without the token is dropped, so two jobs never act on each other.
 
 from __future__ import annotations
 
+import errno
 import json
 import selectors
 import socket
@@ -191,6 +192,8 @@ class JobClient:
         self, address: str, token: str, node_rank: int, on_stop: Callable[[int], None], timeout: float = 15.0
     ) -> None:
         host, _, port = address.rpartition(':')
+        if not port.isdigit() or int(port) > 65535:
+            raise OSError(errno.EINVAL, f'not a HOST:PORT address: {address!r}')
         self._sock = socket.create_connection((host, int(port)), timeout=timeout)
         self._sock.settimeout(None)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

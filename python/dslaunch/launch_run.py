@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from dslaunch.hang import HangWatch
 
 from dslaunch import command_exit
-from dslaunch.errors import DslaunchError, UsageError
+from dslaunch.errors import DslaunchError, UsageError, printable
+
+#: More ranks than any job of one launcher has (hostfile.MAX_SLOTS_PER_HOST, without importing it).
+_MAX_RANKS = 1 << 20
 
 #: Console prefix of every rank line: `[3]: loss=0.5`.
 DEFAULT_PREFIX = '[{tag}]: '
@@ -39,12 +42,22 @@ def parse_rank_selection(spec: str | None) -> set[int] | None:
         try:
             if '-' in part:
                 lo, hi = part.split('-', 1)
+                if int(hi) - int(lo) > _MAX_RANKS:  # `0-99999999999` would build the set for minutes
+                    raise ValueError(part)
                 chosen.update(range(int(lo), int(hi) + 1))
             else:
                 chosen.add(int(part))
         except ValueError:
             raise UsageError(f'--console_ranks: {spec!r} is not a list of ranks like 0,2-3') from None
     return chosen
+
+
+def check_report_path(path: str) -> None:
+    """`--report_json` must be creatable: a missing or unwritable directory is one line up front."""
+    where = os.path.dirname(os.path.abspath(path)) or '.'
+    if os.path.isdir(path) or not os.path.isdir(where) or not os.access(where, os.W_OK | os.X_OK):
+        raise UsageError(f'cannot write --report_json {printable(path)}: '
+                         f'{"is a directory" if os.path.isdir(path) else "no writable directory " + printable(where)}')
 
 
 def check_script(args: argparse.Namespace) -> None:
@@ -119,6 +132,11 @@ def run_plans(
     from dslaunch import _core
     from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
     from dslaunch.report import print_report
+
+    if not grace_period >= 0:  # negative or nan, before the Supervisor's own ValueError (inf: never SIGKILL)
+        raise UsageError(f'--grace_period must be >= 0 seconds, got {grace_period}')
+    if report_json:
+        check_report_path(report_json)  # fail before the job runs, not after it (exit 0)
 
     environ = dict(environ)
     report_to = environ.pop(REPORT_TO_ENV, None)

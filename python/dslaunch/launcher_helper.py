@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from types import FrameType
 
 from .argparse_compat import CompatArgumentParser
-from .errors import DslaunchError, EnvMappingError, UnknownLauncherError, UsageError
+from .errors import DslaunchError, EnvMappingError, UnknownLauncherError, UsageError, one_line
 
 __all__ = ['HELPER_LAUNCHERS', 'bind_cores', 'build_parser', 'child_argv', 'child_env', 'env_mapping', 'main', 'parse_args']
 
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parse_args(argv)
     try:
         if args.launcher.lower() not in HELPER_LAUNCHERS:
-            raise UnknownLauncherError(f'Unknown launcher {args.launcher.lower()}')
+            raise UnknownLauncherError(f'Unknown launcher {one_line(args.launcher.lower())}')
         env = child_env(os.environ if environ is None else environ)
         cmd = child_argv(args)
         if args.bind_cores_to_rank:

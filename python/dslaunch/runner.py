@@ -26,6 +26,7 @@ from .errors import (
     ResourceFilterError,
     UnknownLauncherError,
     UsageError,
+    one_line,
 )
 from .hostfile import MAX_SLOTS_PER_HOST, NO_HOSTFILE, fetch_hostfile, parse_inclusion_exclusion, parse_resource_filter
 from .world_info import encode_world_info
@@ -323,7 +324,7 @@ def plan(
     # objection could stop a job that would have run locally without Slurm).
     launcher = args.launcher.lower()
     if launcher not in LAUNCHERS:
-        raise UnknownLauncherError(f'Unknown launcher {launcher}')
+        raise UnknownLauncherError(f'Unknown launcher {one_line(launcher)}')
 
     # Step 13 (DeepSpeed asserts; dslaunch raises the same text, also under python -O).
     if args.no_ssh and not 0 <= args.node_rank < len(active):
@@ -612,7 +613,7 @@ def _check_dslaunch_flags(args: argparse.Namespace) -> None:
         given = [f'--{n}' for n in ('max_restarts', 'rdzv_timeout', 'rdzv_conf') if getattr(args, n, None) is not None]
         if given:
             raise UsageError(f'{", ".join(given)} only apply with --elastic_training')
-    if getattr(args, 'grace_period', 0.0) < 0:
+    if not getattr(args, 'grace_period', 0.0) >= 0:  # negative or nan (inf: never SIGKILL)
         raise UsageError(f'--grace_period must be >= 0 seconds, got {args.grace_period}')
     if getattr(args, 'hang_timeout', 0.0) < 0:
         raise UsageError(f'--hang_timeout must be >= 0 seconds (0 = off), got {args.hang_timeout}')
@@ -623,7 +624,7 @@ def _check_dslaunch_flags(args: argparse.Namespace) -> None:
         try:
             parse_range_list(ranks)
         except CoreBindingError as exc:
-            raise UsageError(f'--console_ranks: {exc}') from None
+            raise UsageError(f'--console_ranks: {one_line(str(exc))}') from None
 
 
 def _limit_nodes_and_gpus(

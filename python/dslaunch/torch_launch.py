@@ -126,6 +126,10 @@ def nproc_from(spec: str) -> int:
         raise UsageError(f'--nproc-per-node: {spec!r} is not a number, "gpu", "cpu" or "auto"') from None
     if n < 1:
         raise UsageError('--nproc-per-node must be at least 1')
+    from dslaunch.hostfile import MAX_SLOTS_PER_HOST
+
+    if n > MAX_SLOTS_PER_HOST:  # `99999999999` would build the plans for minutes
+        raise UsageError(f'--nproc-per-node {n} is more ranks per host than dslaunch launches ({MAX_SLOTS_PER_HOST})')
     return n
 
 
@@ -220,6 +224,8 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         args.master_port = probes.free_port()
     elif args.master_port is None:
         args.master_port = 29500
+    if not 0 <= args.master_port <= 65535:
+        raise UsageError(f'--master-port {args.master_port} is not a port number (0-65535)')
     if args.max_restarts:
         raise UsageError('--max-restarts needs the elastic agent: use --elastic_training')
     python = os.environ.get('PYTHON_EXEC', sys.executable)  # torchrun's override of the workers' interpreter
@@ -238,7 +244,9 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         raise UsageError(f'master port {args.master_port} is already in use on this host; '
                          'pick another with --master-port (0 picks a free one)')
     if args.log_dir:
-        os.makedirs(args.log_dir, exist_ok=True)
+        from dslaunch.launch import ensure_rank_log_dir
+
+        ensure_rank_log_dir(args.log_dir)  # a file or an unwritable path: one line, as --enable_each_rank_log
     console = None
     if args.local_ranks_filter:
         local = parse_rank_selection(args.local_ranks_filter) or set()

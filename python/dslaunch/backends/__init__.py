@@ -15,7 +15,7 @@ from __future__ import annotations
 from argparse import Namespace
 from collections.abc import Mapping
 
-from ..errors import LauncherError
+from ..errors import LauncherError, one_line
 from .base import HELPER_MODULE, JOB_ID_ENV, LAUNCH_MODULE, ActiveResources, MultiNodeRunner
 from .impi import IMPIRunner
 from .mpich import MPICHRunner
@@ -41,7 +41,7 @@ def launcher_class(name: str) -> type[MultiNodeRunner]:
     try:
         return LAUNCHERS[name.lower()]
     except KeyError:
-        raise LauncherError(f'Unknown launcher {name}') from None
+        raise LauncherError(f'Unknown launcher {one_line(name)}') from None
 
 
 def validate_active_resources(name: str, active: ActiveResources) -> None:

@@ -17,7 +17,7 @@ from argparse import Namespace
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, ClassVar
 
-from ..errors import ResourceFilterError
+from ..errors import EnvFileError, ResourceFilterError, UsageError, printable
 
 #: world_info order: host -> slot ids. Host order is rank order.
 ActiveResources = Mapping[str, Sequence[int]]
@@ -101,7 +101,10 @@ class MultiNodeRunner:
         return list(self.arg('user_args') or [])
 
     def launcher_args(self) -> list[str]:
-        return shlex.split(self.arg('launcher_args') or '')
+        try:
+            return shlex.split(self.arg('launcher_args') or '')
+        except ValueError as exc:  # `--launcher_args '"x'`: No closing quotation
+            raise UsageError(f'--launcher_args {printable(self.arg("launcher_args"))!r}: {exc}') from None
 
     def job_id(self) -> str | None:
         """The job marker to export, from ``args.job_id`` (unset or empty: none)."""
@@ -144,9 +147,9 @@ class MultiNodeRunner:
         """Export ``key=value`` to every rank. The value is stored raw (DeepSpeed strips and quotes it)."""
         key = key.strip()  # a name cannot hold spaces; DeepSpeed strips it too
         if not key or '=' in key or '\0' in key:
-            raise ValueError(f'cannot export {key!r}: not an environment variable name')
+            raise EnvFileError(f'cannot export {key!r}: not an environment variable name')
         if '\0' in value:
-            raise ValueError(f'cannot export {key}: its value contains a NUL byte')
+            raise EnvFileError(f'cannot export {key}: its value contains a NUL byte')
         self.exports[key] = value
 
     def rank_exports(self) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Mapping, MutableMapping
 
-from ..errors import LauncherError
+from ..errors import EnvFileError, LauncherError
 from .base import JOB_ID_ENV, LAUNCH_MODULE, ActiveResources, MultiNodeRunner, check_job_id, which
 from .quoting import is_shell_name, pdsh_word
 
@@ -85,7 +85,7 @@ class PDSHRunner(MultiNodeRunner):
         exports = list(self.exports.items()) + self.marker_exports()
         for key, _ in exports:
             if not is_shell_name(key):
-                raise ValueError(f'cannot export {key!r} through the remote shell: not a valid variable name')
+                raise EnvFileError(f'cannot export {key!r} through the remote shell: not a valid variable name')
         return ''.join(f'export {key}={pdsh_word(value)}; ' for key, value in exports)
 
     def _launch_flags(self) -> list[str]:

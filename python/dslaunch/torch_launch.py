@@ -154,7 +154,9 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: 
     except ValueError:
         raise UsageError(f'--nnodes {args.nnodes!r}: only a fixed node count is supported here; '
                          'use --elastic_training with --min_elastic_nodes/--max_elastic_nodes for ranges') from None
-    if nnodes < 1 or not 0 <= args.node_rank < nnodes:
+    if nnodes < 1:
+        raise UsageError(f'--nnodes must be at least 1, got {args.nnodes}')
+    if not 0 <= args.node_rank < nnodes:
         raise UsageError(f'--node-rank {args.node_rank} is out of range for --nnodes {nnodes}')
     if args.no_python and args.module:
         raise UsageError("Don't use both the '--no-python' flag and the '--module' flag at the same time.")

@@ -374,3 +374,17 @@ def test_an_inherited_name_no_shell_can_export_is_skipped_with_a_note(cwd):
     plan = _plan(cwd, '--master_addr', 'w0', hostfile=TWO_HOSTS, env={'PYTHON-FOO': 'x', 'PYTHONX': '1'})
     assert plan.mode == 'multinode' and 'PYTHON-FOO' not in plan.exports and plan.exports['PYTHONX'] == '1'
     assert any("'PYTHON-FOO' is not a shell variable name" in n for n in plan.notes)
+
+
+def test_deepspeed_shaped_names_for_tools_written_against_deepspeeds_runner(cwd):
+    # what DeepSpeed's own launcher tests call: runner.main(args), runner._parse_hostfile,
+    # runner.apply_num_nodes_and_gpus, and MPI backends fed the {host: count} pool
+    from dslaunch.backends import make_runner
+
+    with pytest.raises(ValueError, match='Cannot specify num_nodes/gpus with include/exclude'):
+        runner.main(['--num_nodes', '1', '--num_gpus', '1', '-i', 'localhost', str(cwd / 'x.py')])
+    assert runner._parse_hostfile(['worker-0 slots=2', 'worker-1 slots=2']) == {'worker-0': 2, 'worker-1': 2}
+    assert runner.apply_num_nodes_and_gpus({'a': [0, 1], 'b': [0, 1]}, 1, -1) == {'a': [0, 1]}
+    args = runner.parse_args(['--master_addr', 'w0', 'train.py'])
+    cmd = make_runner('openmpi', args, 'e30=', {'w0': 4, 'w1': 4}).get_cmd({}, {'w0': 4, 'w1': 4})
+    assert cmd[cmd.index('-n') + 1] == '8'

@@ -28,7 +28,15 @@ from .errors import (
     UsageError,
     one_line,
 )
-from .hostfile import MAX_SLOTS_PER_HOST, NO_HOSTFILE, fetch_hostfile, parse_inclusion_exclusion, parse_resource_filter
+from .hostfile import (
+    MAX_SLOTS_PER_HOST,
+    NO_HOSTFILE,
+    apply_num_nodes_and_gpus,
+    fetch_hostfile,
+    parse_hostfile_lines,
+    parse_inclusion_exclusion,
+    parse_resource_filter,
+)
 from .world_info import encode_world_info
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
@@ -42,9 +50,11 @@ __all__ = [
     'LAUNCH_MODULE',
     'Plan',
     'Probes',
+    'apply_num_nodes_and_gpus',
     'backend_command',
     'build_parser',
     'launcher_command',
+    'main',
     'parse_args',
     'plan',
     'shell_line',
@@ -168,6 +178,23 @@ def _add_runner_extensions(p: CompatArgumentParser) -> None:
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     """Parse runner arguments (``sys.argv[1:]`` when ``argv`` is None)."""
     return build_parser(prog).parse_args(None if argv is None else list(argv))
+
+
+#: DeepSpeed's name for the hostfile line parser (``deepspeed.launcher.runner._parse_hostfile``).
+_parse_hostfile = parse_hostfile_lines
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """DeepSpeed's ``runner.main(args)``: run the ``deepspeed`` command line ``args`` (default ``sys.argv[1:]``).
+
+    As in DeepSpeed, a refused command line raises (``ResourceFilterError`` and the other ``ValueError``
+    subclasses), a failed job exits with its status (``SystemExit``), a successful one returns None.
+    """
+    from .cli import run_deepspeed_cli  # not at import time: cli imports this module
+
+    code = run_deepspeed_cli(sys.argv[1:] if args is None else list(args))
+    if code > 0:
+        sys.exit(code)
 
 
 class Probes(Protocol):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from ..errors import EnvFileError, ResourceFilterError, UsageError, printable
 
 #: world_info order: host -> slot ids. Host order is rank order.
-ActiveResources = Mapping[str, Sequence[int]]
+ActiveResources = Mapping[str, Sequence[int]]  # or {host: slot count}, read as slots 0..count-1
 
 #: Environment marker carried by everything a job starts, so a kill can target this job only.
 JOB_ID_ENV = 'DSLAUNCH_JOB_ID'
@@ -66,7 +66,9 @@ def check_job_id(job_id: str) -> str:
 
 
 def slot_counts(active: ActiveResources) -> dict[str, int]:
-    return {host: len(slots) for host, slots in active.items()}
+    # An int is a slot count, as in the runner's resource pool: DeepSpeed's MPI backends size the job from
+    # the pool and ignore active_resources, so DeepSpeed's own tests hand them the {host: count} pool there.
+    return {host: slots if isinstance(slots, int) else len(slots) for host, slots in active.items()}
 
 
 class MultiNodeRunner:
@@ -202,7 +204,7 @@ class MultiNodeRunner:
     def require_leading_slots(cls, active: ActiveResources) -> None:
         """Every host must keep slots 0..k-1: an engine places k ranks per host, it cannot pick device ids."""
         for host, slots in active.items():
-            if list(slots) != list(range(len(slots))):
+            if not isinstance(slots, int) and list(slots) != list(range(len(slots))):  # a count is slots 0..n-1
                 raise ResourceFilterError(
                     f'{cls.name} backend cannot select specific device ids, got {list(slots)} on {host}. '
                     'Filter whole hosts, or keep the first N slots on every host.'

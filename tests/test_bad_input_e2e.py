@@ -24,6 +24,7 @@ def _dslaunch_module(module: str, *args: str, env: dict[str, str] | None = None)
 @pytest.mark.parametrize(('args', 'needle'), [
     (['--grace_period', 'nan'], '--grace_period must be >= 0'),
     (['--grace_period', '-1'], '--grace_period must be >= 0'),
+    (['--hang_timeout', 'nan'], '--hang_timeout must be >= 0'),
     (['--launcher', 'a\nb', '-H', '{hostfile}', '--no_ssh_check', '--master_addr', '10.0.0.1'], 'Unknown launcher a\\nb'),
     (['--console_ranks', '\n'], '--console_ranks'),
     (['-H', '{hostfile}', '--no_ssh_check', '--master_addr', '10.0.0.1', '--dry_run', '--launcher_args', '"x'],
@@ -52,6 +53,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str)
 @pytest.mark.parametrize(('args', 'env', 'needle'), [
     (['--grace_period', '-1'], {}, '--grace_period must be >= 0'),
     (['--console_ranks', '1-99999999999'], {}, '1-99999999999'),
+    (['--hang_timeout', 'nan'], {}, '--hang_timeout must be >= 0'),
     ([], {'DSLAUNCH_REPORT_TO': 'garbage', 'DSLAUNCH_JOB_TOKEN': 't'}, 'runner'),
 ])
 def test_per_node_launcher_bad_input_is_one_line(tmp_path: Path, args: list[str], env: dict[str, str],

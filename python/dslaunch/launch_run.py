@@ -259,7 +259,7 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
 
     env = dict(os.environ if environ is None else environ)
     hang_timeout = getattr(args, 'hang_timeout', 0.0)
-    if hang_timeout < 0:
+    if not hang_timeout >= 0:  # negative or nan
         raise UsageError(f'--hang_timeout must be >= 0 seconds (0 = off), got {hang_timeout}')
     collapse_window = getattr(args, 'collapse_window', 0.25)
     if not 0 <= collapse_window <= 60:

@@ -642,7 +642,7 @@ def _check_dslaunch_flags(args: argparse.Namespace) -> None:
             raise UsageError(f'{", ".join(given)} only apply with --elastic_training')
     if not getattr(args, 'grace_period', 0.0) >= 0:  # negative or nan (inf: never SIGKILL)
         raise UsageError(f'--grace_period must be >= 0 seconds, got {args.grace_period}')
-    if getattr(args, 'hang_timeout', 0.0) < 0:
+    if not getattr(args, 'hang_timeout', 0.0) >= 0:  # negative or nan
         raise UsageError(f'--hang_timeout must be >= 0 seconds (0 = off), got {args.hang_timeout}')
     ranks = getattr(args, 'console_ranks', None)
     if ranks is not None and ranks.strip().lower() != 'none':

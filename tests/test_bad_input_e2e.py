@@ -25,6 +25,7 @@ def _dslaunch_module(module: str, *args: str, env: dict[str, str] | None = None)
     (['--grace_period', 'nan'], '--grace_period must be >= 0'),
     (['--grace_period', '-1'], '--grace_period must be >= 0'),
     (['--hang_timeout', 'nan'], '--hang_timeout must be >= 0'),
+    (['--bind_cores_to_rank', '--bind_core_list', '0,999'], 'core(s) 999 are not available on this host'),
     (['--launcher', 'a\nb', '-H', '{hostfile}', '--no_ssh_check', '--master_addr', '10.0.0.1'], 'Unknown launcher a\\nb'),
     (['--console_ranks', '\n'], '--console_ranks'),
     (['-H', '{hostfile}', '--no_ssh_check', '--master_addr', '10.0.0.1', '--dry_run', '--launcher_args', '"x'],

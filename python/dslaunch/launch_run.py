@@ -60,6 +60,21 @@ def check_report_path(path: str) -> None:
                          f'{"is a directory" if os.path.isdir(path) else "no writable directory " + printable(where)}')
 
 
+def check_bind_core_list(args: argparse.Namespace) -> None:
+    """Cores of `--bind_core_list` this process may not use: one line here, not every rank's
+    numactl printing its usage text."""
+    spec = getattr(args, 'bind_core_list', None)
+    if not getattr(args, 'bind_cores_to_rank', False) or spec is None:
+        return
+    from dslaunch.numa import format_core_list, parse_range_list
+
+    usable = os.sched_getaffinity(0)
+    missing = [c for c in parse_range_list(spec) if c not in usable]
+    if missing:
+        raise UsageError(f'--bind_core_list {spec}: core(s) {format_core_list(missing)} are not available on this '
+                         f'host (usable here: {format_core_list(sorted(usable))})')
+
+
 def check_script(args: argparse.Namespace) -> None:
     """A missing training script is one clear error before anything starts (DeepSpeed starts
     every rank and lets each print its own 'can't open file'). Anything that exists is left to
@@ -273,6 +288,7 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
     if not plans:
         return 0  # a node with zero slots runs nothing, as in DeepSpeed
     check_script(args)
+    check_bind_core_list(args)
     log_dir = getattr(args, 'enable_each_rank_log', 'None')
     if log_dir != 'None':
         launch.ensure_rank_log_dir(log_dir)

@@ -105,6 +105,16 @@ def test_unreachable_rendezvous_store() -> None:
     assert 'cannot reach the elastic rendezvous' in one_error_line(proc)
 
 
+def test_master_addr_that_does_not_resolve_is_one_line_at_once() -> None:
+    start = time.monotonic()
+    argv = [PY, '-m', 'dslaunch.launch', f'--world_info={ONE_NODE}', '--master_addr=nohost.invalid',
+            f'--master_port={free_port()}', '--enable_elastic_training', str(SCRIPT)]
+    proc = run(argv)
+    assert proc.returncode == 1
+    assert "cannot resolve --master_addr 'nohost.invalid'" in one_error_line(proc)
+    assert time.monotonic() - start < 30  # not the 600 s rendezvous timeout
+
+
 def test_runner_rejects_elastic_with_a_backend_that_starts_ranks_itself(tmp_path: Path) -> None:
     hostfile = tmp_path / 'hostfile'
     hostfile.write_text('worker-0 slots=1\nworker-1 slots=1\n')

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -598,6 +599,10 @@ def _rendezvous_handler(cfg: ElasticConfig, master_addr: str) -> Any:
 
     from dslaunch.jobchannel import address_towards
 
+    try:
+        socket.getaddrinfo(master_addr, None)  # a name that cannot resolve would wait out --rdzv_timeout
+    except OSError as e:
+        raise DslaunchError(f'cannot resolve --master_addr {master_addr!r}: {e.strerror or e}') from None
     params = RendezvousParameters(
         backend='c10d',
         endpoint=cfg.endpoint,

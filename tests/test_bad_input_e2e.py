@@ -34,6 +34,7 @@ def _dslaunch_module(module: str, *args: str, env: dict[str, str] | None = None)
     (['--nproc-per-node', '1', '--master-port', '70000'], 'is not a port number'),
     (['--nproc-per-node', '99999999999'], 'more ranks per host'),
     (['--nproc-per-node', '1', '--nnodes', '0'], '--nnodes must be at least 1'),
+    (['--nproc-per-node', '1', '--rdzv-backend', 'bogus'], 'not a rendezvous backend'),
     (['--nproc-per-node', '1', '--grace_period', '-1'], '--grace_period must be >= 0'),
     (['--nproc-per-node', '1', '--log-dir', '{file}'], '{file}'),
     (['--nproc-per-node', '1', '--local-ranks-filter', '0-99999999999'], '0-99999999999'),

@@ -208,6 +208,8 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
 
     args = build_parser(prog).parse_args(list(argv))
     probes = SystemProbes()
+    if args.rdzv_backend not in ('static', 'c10d', 'etcd', 'etcd-v2'):
+        raise UsageError(f'--rdzv-backend {args.rdzv_backend!r}: not a rendezvous backend (static, c10d, etcd, etcd-v2)')
     if args.rdzv_backend != 'static' and not args.standalone:
         if str(args.nnodes).split(':')[-1] != '1':
             raise UsageError(f'--rdzv-backend {args.rdzv_backend}: only the static rendezvous is supported here; '

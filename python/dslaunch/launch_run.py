@@ -22,9 +22,6 @@ if TYPE_CHECKING:
 from dslaunch import command_exit
 from dslaunch.errors import DslaunchError, UsageError, printable
 
-#: More ranks than any job of one launcher has (hostfile.MAX_SLOTS_PER_HOST, without importing it).
-_MAX_RANKS = 1 << 20
-
 #: Console prefix of every rank line: `[3]: loss=0.5`.
 DEFAULT_PREFIX = '[{tag}]: '
 
@@ -42,7 +39,9 @@ def parse_rank_selection(spec: str | None) -> set[int] | None:
         try:
             if '-' in part:
                 lo, hi = part.split('-', 1)
-                if int(hi) - int(lo) > _MAX_RANKS:  # `0-99999999999` would build the set for minutes
+                from dslaunch.hostfile import MAX_SLOTS_PER_HOST  # only for ranges: not on the start path
+
+                if int(hi) - int(lo) > MAX_SLOTS_PER_HOST:  # `0-99999999999` would build the set for minutes
                     raise ValueError(part)
                 chosen.update(range(int(lo), int(hi) + 1))
             else:

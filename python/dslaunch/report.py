@@ -186,14 +186,11 @@ def write_json(report: Report, path: str, *, hangs: Sequence[Hang] = (), returnc
 
     doc = to_json_dict(report, host=socket.gethostname(), hangs=hangs, returncode=returncode)
     path = os.path.realpath(path)  # a symlink (e.g. in a results dir) is written through, not replaced
-    if os.path.exists(path) and not os.path.isfile(path):
-        # /dev/stdout, /dev/null, a FIFO: write into it; replacing the node would break it for everyone
-        with open(path, 'w', encoding='utf-8') as f:
-            json.dump(doc, f, indent=1)
-            f.write('\n')
-        return
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    # /dev/stdout, /dev/null, a FIFO: written into; replacing the node would break it for everyone
+    in_place = os.path.exists(path) and not os.path.isfile(path)
+    target = path if in_place else f'{path}.tmp{os.getpid()}'
+    with open(target, 'w', encoding='utf-8') as f:
         json.dump(doc, f, indent=1)
         f.write('\n')
-    os.replace(tmp, path)
+    if not in_place:
+        os.replace(target, path)

@@ -417,8 +417,10 @@ def plan(
     # Step 17 (the backend was built and asked above).
     old_path = env.get('PYTHONPATH')
     env['PYTHONPATH'] = workdir if old_path is None else f'{workdir}:{old_path}'
+    from .backends.quoting import is_shell_name
+
     exports = collect_exports(env)
-    for name in [k for k in exports if not (k.isascii() and k.isidentifier())]:
+    for name in [k for k in exports if not is_shell_name(k)]:
         # e.g. PYTHON-FOO inherited from the caller: no shell can export it (DeepSpeed's pdsh
         # command has bash reject it and the job goes on without it); the env file stays strict
         del exports[name]

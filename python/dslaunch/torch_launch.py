@@ -143,19 +143,25 @@ def substitute_local_rank(words: Sequence[str], local_rank: int) -> list[str]:
     return [Template(w).safe_substitute(local_rank=str(local_rank)) for w in words]
 
 
+def fixed_nnodes(spec: object) -> int:
+    """`--nnodes N` or `N:N` as a number; a range or anything else is a UsageError."""
+    try:
+        lo, _, hi = str(spec).partition(':')
+        nnodes = int(lo)
+        if hi and int(hi) != nnodes:
+            raise ValueError(spec)
+    except ValueError:
+        raise UsageError(f'--nnodes {spec!r}: only a fixed node count is supported here; '
+                         'use --elastic_training with --min_elastic_nodes/--max_elastic_nodes for ranges') from None
+    if nnodes < 1:
+        raise UsageError(f'--nnodes must be at least 1, got {spec}')
+    return nnodes
+
+
 def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: str = 'none') -> list[RankPlan]:
     from dslaunch.launch import RankPlan
 
-    try:
-        lo, _, hi = str(args.nnodes).partition(':')
-        nnodes = int(lo)
-        if hi and int(hi) != nnodes:
-            raise ValueError(args.nnodes)
-    except ValueError:
-        raise UsageError(f'--nnodes {args.nnodes!r}: only a fixed node count is supported here; '
-                         'use --elastic_training with --min_elastic_nodes/--max_elastic_nodes for ranges') from None
-    if nnodes < 1:
-        raise UsageError(f'--nnodes must be at least 1, got {args.nnodes}')
+    nnodes = fixed_nnodes(args.nnodes)
     if not 0 <= args.node_rank < nnodes:
         raise UsageError(f'--node-rank {args.node_rank} is out of range for --nnodes {nnodes}')
     if args.no_python and args.module:
@@ -208,10 +214,11 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
 
     args = build_parser(prog).parse_args(list(argv))
     probes = SystemProbes()
+    one_node = fixed_nnodes(args.nnodes) == 1
     if args.rdzv_backend not in ('static', 'c10d', 'etcd', 'etcd-v2'):
         raise UsageError(f'--rdzv-backend {args.rdzv_backend!r}: not a rendezvous backend (static, c10d, etcd, etcd-v2)')
     if args.rdzv_backend != 'static' and not args.standalone:
-        if str(args.nnodes).split(':')[-1] != '1':
+        if not one_node:
             raise UsageError(f'--rdzv-backend {args.rdzv_backend}: only the static rendezvous is supported here; '
                              'give each node --node-rank, --master-addr and --master-port, '
                              'or use --elastic_training')
@@ -224,7 +231,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     if args.standalone:
         args.master_addr, args.nnodes, args.node_rank = '127.0.0.1', '1', 0
         args.master_port = probes.free_port()
-    elif args.master_port == 0 or (args.master_port is None and str(args.nnodes).split(':')[-1] == '1'):
+    elif args.master_port == 0 or (args.master_port is None and one_node):
         args.master_port = probes.free_port()
     elif args.master_port is None:
         args.master_port = 29500

@@ -213,9 +213,8 @@ class MultiNodeRunner:
     def reject_unequal_pool(self, message: str) -> None:
         """DeepSpeed's check of the hostfile's slot counts (made in its ``get_cmd``), made when the backend is
         built: the runner's plan then refuses the world before any ssh, with DeepSpeed's text."""
-        counts = list(self.resource_pool.values())
-        if counts and any(n != counts[0] for n in counts):
-            raise ResourceFilterError(message)
+        if self.resource_pool:
+            self.equal_slots({host: range(n) for host, n in self.resource_pool.items()}, message)
 
     @staticmethod
     def equal_slots(active: ActiveResources, message: str) -> tuple[int, int]:

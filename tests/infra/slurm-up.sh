@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# usage: slurm-up.sh   a Slurm cluster on the test hosts (needs hosts-up.sh first); idempotent
+# usage: slurm-up.sh [N]   a Slurm cluster on test hosts h1..hN (default: every host; needs
+# hosts-up.sh first); idempotent
 #
-# slurmctld runs on h1, one slurmd on every test host (NodeName = its hostname hK, CPUs =
+# slurmctld runs on h1, one slurmd on each of those hosts (NodeName = its hostname hK, CPUs =
 # $DSL_SLURM_CPUS, default 2, so `srun -n 4` on 2 hosts places 2 tasks per host), one munged in
 # the root namespace (its unix socket is reached from every host through the shared /tmp).
 # Clients need the config:  export SLURM_CONF=$DSL_STATE/slurm/slurm.conf, and must run inside a
@@ -17,8 +18,10 @@ need_cmd /usr/sbin/munged munge
 need_cmd mungekey munge
 take_lock
 
-N=$(host_count)
-[ "$N" -ge 1 ] || die "no test hosts: run tests/infra/hosts-up.sh first"
+HOSTS=$(host_count)
+[ "$HOSTS" -ge 1 ] || die "no test hosts: run tests/infra/hosts-up.sh first"
+N=${1:-$HOSTS}
+[[ $N =~ ^[1-9][0-9]?$ ]] && [ "$N" -le "$HOSTS" ] || die "N must be 1..$HOSTS (the hosts that are up), got '$N'"
 CPUS=${DSL_SLURM_CPUS:-2}
 S=$DSL_STATE/slurm
 M=$DSL_STATE/munge

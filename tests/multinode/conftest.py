@@ -2,12 +2,13 @@
 
 Session fixtures bring up, once, what `tests/infra/` scripts build (see their headers):
 
-- `cluster`: test hosts h1..h2 (network namespaces joined by a bridge, each with its own sshd,
+- `cluster`: test hosts h1..h4 (network namespaces joined by a bridge, each with its own sshd,
   hostname and /etc/hosts; the filesystem is shared, so the repository and its venvs are at the
   same path everywhere). The dslaunch runner is started *inside h1* (`Runner.run`/`Runner.start`), as a
   user runs `deepspeed` on the first host of the hostfile; from there `ssh h2`, pdsh, mpirun and
-  srun work without flags or prompts.
-- `slurm_conf`: slurmctld on h1 and one slurmd per host (2 CPUs each), munged; yields SLURM_CONF.
+  srun work without flags or prompts. Most tests run on h1 and h2 (`cluster.hosts`, the default
+  hostfile); test_more_hosts.py uses all four (`cluster.all_hosts`).
+- `slurm_conf`: slurmctld on h1 and one slurmd on h1 and on h2 (2 CPUs each), munged; yields SLURM_CONF.
 - `impi_bin`: Intel MPI's runtime from PyPI (`impi-rt==2021.18.1`) in `.impi-venv`.
 
 Each pytest session gets hosts of its own (state in /tmp/dslaunch-engines.<pid>, namespaces
@@ -41,6 +42,7 @@ from pathlib import Path
 import pytest
 from multinode_infra import (
     IMPI_VENV,
+    JOB_HOSTS,
     N_HOSTS,
     SLOTS,
     STATE,
@@ -85,7 +87,7 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(STATE, ignore_errors=True)
         unavailable(f'tests/infra/hosts-up.sh {N_HOSTS} failed: {tail(up.stderr)}')
     hosts = [f'h{k}' for k in range(1, N_HOSTS + 1)]
-    c = Cluster(hosts=hosts, slots=SLOTS, state=STATE, hostfile=STATE / 'hostfile')
+    c = Cluster(hosts=hosts[:JOB_HOSTS], all_hosts=hosts, slots=SLOTS, state=STATE, hostfile=STATE / 'hostfile')
     c.write_hostfile(c.hostfile)
     global _CLUSTER
     _CLUSTER = c
@@ -105,7 +107,7 @@ def slurm_conf(cluster: Cluster) -> Iterator[str]:
     """Slurm on the test hosts (tests/infra/slurm-up.sh); yields the SLURM_CONF path."""
     need_programs([('/usr/sbin/slurmctld', 'slurmctld'), ('/usr/sbin/slurmd', 'slurmd'), ('srun', 'slurm-client'),
                    ('/usr/sbin/munged', 'munge'), ('mungekey', 'munge')])
-    up = infra('slurm-up.sh')
+    up = infra('slurm-up.sh', str(len(cluster.hosts)))  # Slurm's nodes: the default job's hosts only
     if up.returncode != 0:
         infra('slurm-down.sh')
         unavailable(f'tests/infra/slurm-up.sh failed: {tail(up.stderr)}')

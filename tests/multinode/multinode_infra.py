@@ -29,7 +29,8 @@ STATE = Path(os.environ.get('DSLAUNCH_ENGINES_DIR') or f'{STATE_PARENT}{os.getpi
 NS_PREFIX = os.environ.get('DSLAUNCH_ENGINES_NS') or f'dsl{os.getpid()}-'
 INFRA_ENV = {'DSLAUNCH_ENGINES_DIR': str(STATE), 'DSLAUNCH_ENGINES_NS': NS_PREFIX}
 IMPI_VENV = Path(os.environ.get('DSLAUNCH_IMPI_VENV', str(ROOT / '.impi-venv')))
-N_HOSTS = 2
+N_HOSTS = 4  # hosts brought up: h1..h4 (tests/test_more_hosts.py uses all of them)
+JOB_HOSTS = 2  # the hosts of the default hostfile and of Slurm: h1, h2
 SLOTS = 2
 NET = '10.211.0'  # tests/infra/lib.sh: DSL_NET
 DEAD_HOST = 'hdead'  # resolves and routes on the test hosts, nothing answers ssh
@@ -130,10 +131,11 @@ def _netns_inode(pid: int) -> int | None:
 class Cluster:
     """The test hosts of this session and how to run things on them."""
 
-    hosts: list[str]
+    hosts: list[str]  # the default job's hosts (the first JOB_HOSTS), each with `slots` slots in `hostfile`
+    all_hosts: list[str]  # every test host that is up (N_HOSTS)
     slots: int
     state: Path
-    hostfile: Path  # every host with `slots` slots
+    hostfile: Path  # every host of `hosts` with `slots` slots
     slurm_conf: str | None = None
     _netns: dict[str, int] = field(default_factory=dict)
 
@@ -146,7 +148,7 @@ class Cluster:
     def netns(self) -> dict[int, str]:
         """network-namespace inode -> host, for every test host (hdead included)."""
         if not self._netns:
-            for name in [*self.hosts, DEAD_HOST]:
+            for name in [*self.all_hosts, DEAD_HOST]:
                 self._netns[name] = os.stat(f'/run/netns/{NS_PREFIX}{name}').st_ino
         return {inode: host for host, inode in self._netns.items()}
 

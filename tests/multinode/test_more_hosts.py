@@ -1,0 +1,100 @@
+"""More than two hosts: h1..h4 (the runner always starts inside h1), 2 slots each.
+
+The two-host tests (test_engines.py) cannot show mistakes that need a third host: a node rank or
+a MASTER_ADDR taken from the wrong host, per-host slot counts mixed up between hosts, a job whose
+hosts do not include the one the runner runs on, a failure far from the runner. These run such
+jobs for real under every ssh-based engine (Slurm's cluster has two nodes: test_engines.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from multinode_infra import Cluster, Engine, Runner
+from test_engines import PORT, all_gone_at, assert_rank_env, control, probe, wait_for_ranks
+
+SSH_ENGINES = ('pdsh', 'openmpi', 'mpich', 'impi')
+
+
+def master_addr_of(engine: Engine, cluster: Cluster, host: str) -> str:
+    """What the ranks get as MASTER_ADDR when `host` is the job's first host: its address under pdsh
+    (DeepSpeed asks it with `ssh host hostname -I`), its name under the MPI engines."""
+    return cluster.address(host) if engine.name == 'pdsh' else host
+
+
+def outside_the_runner_host(runner: Runner, engine: Engine, tmp_path: Path) -> list[str]:
+    """Arguments for a 3 x 2 job on h2..h4, started on h1, which is not one of its hosts. Open MPI
+    takes a filter (a per-job hostfile); MPICH and Intel MPI refuse filters, as in DeepSpeed, so
+    they get a hostfile without h1."""
+    cluster = runner.cluster
+    if engine.name == 'openmpi':
+        every = cluster.write_hostfile(tmp_path / 'hostfile', cluster.all_hosts)
+        return ['-H', str(every), '--exclude', 'h1']
+    return ['-H', str(cluster.write_hostfile(tmp_path / 'hostfile', cluster.all_hosts[1:]))]
+
+
+@pytest.mark.parametrize('engine', SSH_ENGINES, indirect=True)
+def test_three_hosts_that_do_not_include_the_runners_own(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """Ranks 0-1 on h2, 2-3 on h3, 4-5 on h4; MASTER_ADDR is h2 (the job's first host), not h1
+    where the runner runs; nothing runs on h1 but the runner."""
+    out = tmp_path / 'out'
+    run = runner.run(*engine.flags(), *outside_the_runner_host(runner, engine, tmp_path), '--master_port',
+                     str(PORT), *probe(out), engine=engine)
+    assert run.returncode == 0, run.stderr
+    records = runner.rank_records(out)
+    placement = {'h2': [0, 1], 'h3': [2, 3], 'h4': [4, 5]}
+    assert_rank_env(records, engine, port=PORT, placement=placement,
+                    master_addr=master_addr_of(engine, runner.cluster, 'h2'))
+
+
+@pytest.mark.parametrize('engine', SSH_ENGINES, indirect=True)
+def test_failure_on_the_fourth_host_stops_every_host(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """Rank 5 (h4, the host farthest from the runner) exits 7 while the ranks on h2 and h3 wait:
+    every rank is gone within 3 s (the 1 s target is test_engines.py's, on two hosts), and the
+    runner exits 7 naming the rank and its host."""
+    out = tmp_path / 'out'
+    control(out, exit={'5': 7}, exit_after=1.0, sleep=30)
+    job = runner.start(*engine.flags(), *outside_the_runner_host(runner, engine, tmp_path), *probe(out),
+                       engine=engine)
+    passed = False
+    try:
+        records = wait_for_ranks(out, 6, job)
+        assert {r['host'] for r in records.values()} == {'h2', 'h3', 'h4'}
+        gone = all_gone_at([r['pid'] for r in records.values()], timeout=6)
+        failed_at = float((out / 'exit5').read_text())
+        assert gone is not None, 'ranks still running 5 s after rank 5 failed'
+        assert gone - failed_at <= 3.0, f'ranks gone {gone - failed_at:.2f} s after rank 5 failed'
+        run = job.wait(10)
+        assert run is not None, 'runner still running 10 s after its ranks ended'
+        assert run.returncode == 7, run.stderr
+        assert run.error_lines()[-1] == 'dslaunch: error: rank 5 on h4 exited with status 7; every host was stopped'
+        passed = True
+    finally:
+        job.kill()
+        if not passed:
+            runner.cluster.cleanup_jobs()
+
+
+@pytest.mark.parametrize('engine', ['pdsh'], indirect=True)
+def test_four_hosts_with_uneven_slots_and_an_exclude(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """h1 slots=2, h2 slots=1, h3 slots=2, h4 slots=2 with `--exclude h3:0`: ranks 0-1 on h1, 2 on h2,
+    3 on h3 (slot 1), 4-5 on h4. Each host gets its own LOCAL_SIZE, its node rank as CROSS_RANK,
+    CROSS_SIZE 4 and its own slots as CUDA_VISIBLE_DEVICES; `--local_rank` counts per host."""
+    cluster = runner.cluster
+    hostfile = tmp_path / 'hostfile'
+    hostfile.write_text('h1 slots=2\nh2 slots=1\nh3 slots=2\nh4 slots=2\n')
+    out = tmp_path / 'out'
+    run = runner.run(*engine.flags(), '-H', str(hostfile), '--exclude', 'h3:0', '--master_port', str(PORT),
+                     *probe(out), engine=engine)
+    assert run.returncode == 0, run.stderr
+    records = runner.rank_records(out)
+    placement = {'h1': [0, 1], 'h2': [2], 'h3': [3], 'h4': [4, 5]}
+    assert_rank_env(records, engine, port=PORT, placement=placement, master_addr=cluster.address('h1'))
+    visible = {'h1': '0,1', 'h2': '0', 'h3': '1', 'h4': '0,1'}
+    for node, (host, ranks) in enumerate(placement.items()):
+        for rank in ranks:
+            env = records[rank]['env']
+            assert (env.get('CROSS_RANK'), env.get('CROSS_SIZE'), env.get('CUDA_VISIBLE_DEVICES')) == (
+                str(node), '4', visible[host]), (rank, env)
+            assert records[rank]['local_rank_arg'] == f'--local_rank={env["LOCAL_RANK"]}', rank

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -287,3 +288,27 @@ def test_supervisor_dropped_while_running_kills_its_ranks(run_id: str) -> None:
     assert all(alive(p) for p in pids)
     del sup
     wait_until(lambda: all_dead(pids), 5, 'the ranks of a dropped supervisor to die')
+
+
+# A rank that leaves a zombie child: the zombie is re-parented to the launcher (a subreaper) when
+# the rank exits, and the end of the job reaps it.
+_LEAVES_A_ZOMBIE = 'import os, time\nif os.fork() == 0:\n    os._exit(0)\ntime.sleep(0.3)\n'
+
+
+@pytest.mark.parametrize('callers_zombie', [False, True], ids=['only-the-job', 'and-the-callers-own'])
+def test_orphaned_zombies_are_reaped_and_the_callers_own_exited_child_is_not(run_id: str,
+                                                                            callers_zombie: bool) -> None:
+    """The job's orphans are reaped at its end (none is left a zombie); a child the caller made
+    and has not waited for yet (here `subprocess.Popen`) keeps its exit status for the caller,
+    whether or not it is a zombie first in the kernel's list of our children."""
+    mine = subprocess.Popen(['/bin/sh', '-c', 'exit 5']) if callers_zombie else None
+    if mine is not None:
+        wait_until(lambda: mine.pid in zombie_children(), 5, "the caller's child to exit")
+    ranks = [_core.RankSpec([PY, '-c', _LEAVES_A_ZOMBIE]) for _ in range(4)]
+    sup = _core.Supervisor(ranks, run_id=run_id, stdout_fd=_devnull())
+    sup.start()
+    report = sup.wait(timeout=20)
+    assert report is not None and report.returncode == 0
+    assert zombie_children() == ([mine.pid] if mine is not None else [])
+    if mine is not None:
+        assert mine.wait(timeout=5) == 5

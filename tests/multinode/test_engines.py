@@ -421,21 +421,31 @@ def test_failure_on_the_second_host_stops_every_host_within_1s(runner: Runner, e
                                                                tmp_path: Path) -> None:
     """Rank 3 (on h2) exits 7 while the others wait in a "collective": every rank on every host is
     gone within 1 s and the runner exits 7, the failing rank's code."""
+    check_a_failure_stops_every_host(runner, engine, tmp_path, ['-H', str(runner.cluster.hostfile)],
+                                     world=4, rank=3, host='h2', within=1.0)
+
+
+def check_a_failure_stops_every_host(runner: Runner, engine: Engine, tmp_path: Path, job_args: Sequence[str], *,
+                                     world: int, rank: int, host: str, within: float) -> None:
+    """`rank` (on `host`) exits 7 a second after all `world` ranks are up, while the others wait in
+    a "collective": every rank on every host is gone `within` seconds of its exit, and the runner
+    exits 7 naming the rank and its host."""
     out = tmp_path / 'out'
-    control(out, exit={'3': 7}, exit_after=1.0, sleep=30)
-    job = runner.start(*engine.flags(), '-H', str(runner.cluster.hostfile), *probe(out), engine=engine)
+    control(out, exit={str(rank): 7}, exit_after=1.0, sleep=30)
+    job = runner.start(*engine.flags(), *job_args, *probe(out), engine=engine)
     passed = False
     try:
-        records = wait_for_ranks(out, 4, job)
-        gone = all_gone_at([r['pid'] for r in records.values()], timeout=4)
-        failed_at = float((out / 'exit3').read_text())
-        assert gone is not None, 'ranks still running 3 s after rank 3 failed'
-        assert gone - failed_at <= 1.0, f'ranks gone {gone - failed_at:.2f} s after rank 3 failed'
+        records = wait_for_ranks(out, world, job)
+        gone = all_gone_at([r['pid'] for r in records.values()], timeout=within + 3)
+        failed_at = float((out / f'exit{rank}').read_text())
+        assert gone is not None, f'ranks still running {within + 2:g} s after rank {rank} failed'
+        assert gone - failed_at <= within, f'ranks gone {gone - failed_at:.2f} s after rank {rank} failed'
         run = job.wait(10)
         assert run is not None, 'runner still running 10 s after its ranks ended'
         assert run.returncode == 7, run.stderr
         # the root cause, whatever the engine itself said (srun -K: 143, Intel MPI: 255)
-        assert run.error_lines()[-1] == 'dslaunch: error: rank 3 on h2 exited with status 7; every host was stopped'
+        assert run.error_lines()[-1] == (f'dslaunch: error: rank {rank} on {host} exited with status 7; '
+                                         'every host was stopped')
         passed = True
     finally:
         job.kill()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from multinode_infra import Cluster, Engine, Runner
-from test_engines import PORT, all_gone_at, assert_rank_env, control, probe, wait_for_ranks
+from test_engines import PORT, assert_rank_env, check_a_failure_stops_every_host, probe
 
 SSH_ENGINES = ('pdsh', 'openmpi', 'mpich', 'impi')
 
@@ -53,27 +53,8 @@ def test_failure_on_the_fourth_host_stops_every_host(runner: Runner, engine: Eng
     """Rank 5 (h4, the host farthest from the runner) exits 7 while the ranks on h2 and h3 wait:
     every rank is gone within 3 s (the 1 s target is test_engines.py's, on two hosts), and the
     runner exits 7 naming the rank and its host."""
-    out = tmp_path / 'out'
-    control(out, exit={'5': 7}, exit_after=1.0, sleep=30)
-    job = runner.start(*engine.flags(), *outside_the_runner_host(runner, engine, tmp_path), *probe(out),
-                       engine=engine)
-    passed = False
-    try:
-        records = wait_for_ranks(out, 6, job)
-        assert {r['host'] for r in records.values()} == {'h2', 'h3', 'h4'}
-        gone = all_gone_at([r['pid'] for r in records.values()], timeout=6)
-        failed_at = float((out / 'exit5').read_text())
-        assert gone is not None, 'ranks still running 5 s after rank 5 failed'
-        assert gone - failed_at <= 3.0, f'ranks gone {gone - failed_at:.2f} s after rank 5 failed'
-        run = job.wait(10)
-        assert run is not None, 'runner still running 10 s after its ranks ended'
-        assert run.returncode == 7, run.stderr
-        assert run.error_lines()[-1] == 'dslaunch: error: rank 5 on h4 exited with status 7; every host was stopped'
-        passed = True
-    finally:
-        job.kill()
-        if not passed:
-            runner.cluster.cleanup_jobs()
+    check_a_failure_stops_every_host(runner, engine, tmp_path, outside_the_runner_host(runner, engine, tmp_path),
+                                     world=6, rank=5, host='h4', within=3.0)
 
 
 @pytest.mark.parametrize('engine', ['pdsh'], indirect=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,43 @@ def test_plans_substitute_only_the_local_rank_macro() -> None:
     assert [p.argv[-2:] for p in plans] == [['0', '$x'], ['1', '$x']]
     with pytest.raises(UsageError):
         torch_launch.plans_for(_args(nnodes='2:3', master_port=1), python='py', log_stamp='s')
+
+
+@pytest.mark.parametrize(('flags', 'run_id'), [([], 'none'), (['--rdzv-id', 'job7'], 'job7'),
+                                               (['--standalone'], None)], ids=['static', 'rdzv-id', 'standalone'])
+def test_run_id_and_error_files_as_torchrun_gives_them(tmp_path: Path, flags: list[str], run_id: str | None) -> None:
+    """TORCHELASTIC_RUN_ID is 'none' unless --rdzv-id names one or --standalone makes a random one;
+    each rank gets its own TORCHELASTIC_ERROR_FILE, `<tmp>/torchelastic_*/<run id>_*/attempt_0/
+    <local rank>/error.json`, whose directory exists. A job where no rank wrote one leaves nothing
+    in the temporary directory."""
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    proc = dslaunch(*flags, '--nproc-per-node', '2', DUMP, env={'DUMP_DIR': str(tmp_path), 'TMPDIR': str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    ranks = _ranks(tmp_path, 2)
+    ids = {r['env']['TORCHELASTIC_RUN_ID'] for r in ranks}
+    assert len(ids) == 1 and (ids == {run_id} if run_id else re.fullmatch(r'[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}',
+                                                                               ids.pop()))
+    for local, got in enumerate(ranks):
+        path = Path(got['env']['TORCHELASTIC_ERROR_FILE'])
+        assert path.name == 'error.json' and path.parent.name == str(local) and path.parents[1].name == 'attempt_0'
+        assert path.parents[2].name.startswith(f"{got['env']['TORCHELASTIC_RUN_ID']}_")
+        assert path.parents[3].parent == tmp and path.parents[3].name.startswith('torchelastic_')
+        assert got['error_dir_exists']
+    assert list(tmp.iterdir()) == []  # removed: no rank wrote an error file
+
+
+def test_torch_record_writes_the_failed_ranks_error_file_and_it_is_named(tmp_path: Path) -> None:
+    """A script using torch's own `@record` (as torch's launcher tests do): the failing rank's
+    exception lands in its error file, which is kept and named; the job fails with the rank's code."""
+    script = str(Path(__file__).parent / 'scripts' / 'torch_record_rank.py')
+    logs = tmp_path / 'logs'
+    proc = dslaunch('--nproc-per-node', '2', '--log-dir', str(logs), script, env={'FAIL_RANK': '1'}, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    named = [line for line in proc.stderr.splitlines() if 'error files written by failed ranks' in line]
+    assert len(named) == 1, proc.stderr
+    path = Path(named[0].split(': ')[-1])
+    assert path.parent.name == '1' and logs in path.parents
+    error = json.loads(path.read_text())
+    assert error['message']['message'] == 'RuntimeError: rank 1 gives up'
+    assert not (path.parents[1] / '0' / 'error.json').exists()

@@ -88,7 +88,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument('--rdzv-backend', '--rdzv_backend', dest='rdzv_backend', default='static')
     p.add_argument('--rdzv-endpoint', '--rdzv_endpoint', dest='rdzv_endpoint', default='')
     p.add_argument('--rdzv-id', '--rdzv_id', dest='rdzv_id', default='none',
-                   help="the workers' TORCHELASTIC_RUN_ID (default: a random id)")
+                   help="the workers' TORCHELASTIC_RUN_ID (default: a random id under --standalone, else 'none')")
     p.add_argument('--role', default='default', help='ROLE_NAME given to the workers')
     p.add_argument('--log-dir', '--log_dir', dest='log_dir', default=None, help='per-rank log files here')
     # torchrun's tuning knobs of its own agent and worker start-up: nothing to tune here
@@ -200,6 +200,21 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: 
     return plans
 
 
+def give_error_files(plans: Sequence[RankPlan], log_dir: str | None, run_id: str) -> str | None:
+    """Gives each rank a TORCHELASTIC_ERROR_FILE, where torch's `@record` writes an uncaught
+    exception, laid out as torchrun's: `<base>/<run id>_<random>/attempt_0/<local rank>/error.json`,
+    base being `--log-dir` or a new `torchelastic_*` temporary directory, which is returned (to be
+    removed after the job unless a rank wrote its file there)."""
+    import tempfile
+
+    base = log_dir or tempfile.mkdtemp(prefix='torchelastic_')
+    attempt = os.path.join(tempfile.mkdtemp(prefix=f'{run_id}_', dir=base), 'attempt_0')
+    for p in plans:
+        os.makedirs(os.path.join(attempt, str(p.local_rank)))
+        p.env_overrides['TORCHELASTIC_ERROR_FILE'] = os.path.join(attempt, str(p.local_rank), 'error.json')
+    return None if log_dir else base
+
+
 def _random_run_id() -> str:
     h = os.urandom(16).hex()  # a UUID's shape, as torchrun's default run id (without importing uuid)
     return f'{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}'
@@ -213,6 +228,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     from dslaunch.probes import SystemProbes
 
     args = build_parser(prog).parse_args(list(argv))
+    asked_standalone = args.standalone
     probes = SystemProbes()
     one_node = fixed_nnodes(args.nnodes) == 1
     if args.rdzv_backend not in ('static', 'c10d', 'etcd', 'etcd-v2'):
@@ -240,7 +256,8 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     if args.max_restarts:
         raise UsageError('--max-restarts needs the elastic agent: use --elastic_training')
     python = os.environ.get('PYTHON_EXEC', sys.executable)  # torchrun's override of the workers' interpreter
-    run_id = args.rdzv_id if args.rdzv_id != 'none' else _random_run_id()
+    # torchrun's run id: --rdzv-id, a random one under --standalone, else 'none'
+    run_id = args.rdzv_id if args.rdzv_id != 'none' else _random_run_id() if asked_standalone else 'none'
     plans = plans_for(args, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=run_id)
     if args.dry_run:
         for p in plans:
@@ -258,12 +275,23 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         from dslaunch.launch import ensure_rank_log_dir
 
         ensure_rank_log_dir(args.log_dir)  # a file or an unwritable path: one line, as --enable_each_rank_log
+    temporary = give_error_files(plans, args.log_dir, run_id)
     console = None
     if args.local_ranks_filter:
         local = parse_rank_selection(args.local_ranks_filter) or set()
         console = {p.rank for p in plans if p.local_rank in local}
-    return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
-                     grace_period=args.grace_period)
+    try:
+        code = run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
+                         grace_period=args.grace_period)
+    finally:
+        written = [f for p in plans if os.path.isfile(f := p.env_overrides['TORCHELASTIC_ERROR_FILE'])]
+        if temporary is not None and not written:
+            import shutil
+
+            shutil.rmtree(temporary, ignore_errors=True)  # nothing to keep: no litter in /tmp
+    if written:
+        print(f'dslaunch: error files written by failed ranks (torch @record): {" ".join(written)}', file=sys.stderr)
+    return code
 
 
 if __name__ == '__main__':  # `python -m dslaunch.torch_launch ...`, like `python -m torch.distributed.launch`

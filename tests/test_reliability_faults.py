@@ -269,6 +269,39 @@ def test_rank_closing_stdout_early_keeps_running_and_loses_nothing(tmp_path: Pat
     assert_nothing_left(no_process_left_behind)
 
 
+_PRINTS_FOR_A_WHILE = """import os, sys, time
+rank = os.environ['RANK']
+for i in range(150):
+    print(f'rank {rank} line {i}', flush=True)
+    time.sleep(0.004)
+open(os.path.join(sys.argv[-1], f'rank{rank}.done'), 'w').close()
+"""
+
+
+def test_console_reader_going_away_does_not_end_the_job(tmp_path: Path, no_process_left_behind: str) -> None:
+    """`dslaunch train.py | head -1`: the console's reader goes away while the ranks still print.
+    The job runs to its end (status 0) and the per-rank log files have every line; the launcher
+    neither dies of SIGPIPE nor reports a BrokenPipeError. (Under DeepSpeed the ranks write to
+    the pipe themselves, and a Python rank dies of BrokenPipeError.)"""
+    script = tmp_path / 'prints.py'
+    script.write_text(_PRINTS_FOR_A_WHILE)
+    logs = tmp_path / 'logs'
+    p = start_cli(['--num_gpus', '2', '--enable_each_rank_log', str(logs), str(script), str(tmp_path)],
+                  cli_env(tmp_path, {}))
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.readline()
+    p.stdout.close()  # as `head -1` exits
+    with p.stderr:
+        err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0, err
+    assert 'BrokenPipe' not in err and 'Traceback' not in err, err
+    for r in range(2):
+        assert (tmp_path / f'rank{r}.done').exists(), f'rank {r} did not run to its end'
+        (log,) = logs.glob(f'*rank{r}.log')
+        assert log.read_text().splitlines() == [f'rank {r} line {i}' for i in range(150)]
+    assert_nothing_left(no_process_left_behind)
+
+
 def test_binary_output_reaches_each_rank_log_file_byte_exact(tmp_path: Path, no_process_left_behind: str) -> None:
     """Two ranks `cat` 1 MiB of random bytes (every byte value, invalid UTF-8, NULs, lone CRs):
     each per-rank log file holds exactly those bytes, and the report counts every byte."""

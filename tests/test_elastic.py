@@ -305,6 +305,8 @@ def test_sigterm_stops_the_node_and_its_ranks(job: Job, tmp_path: Path) -> None:
 def test_runner_single_host_env_restart_and_no_local_rank(job: Job, tmp_path: Path) -> None:
     dump = tmp_path / 'dump'
     dump.mkdir()
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
     node = job.runner(
         [
             '--num_gpus=2',
@@ -316,7 +318,7 @@ def test_runner_single_host_env_restart_and_no_local_rank(job: Job, tmp_path: Pa
             'a',
             'b',
         ],
-        env=job.env(DUMP_DIR=str(dump), FAIL_RANK='1', FAIL_UNTIL_RESTART='1'),
+        env=job.env(DUMP_DIR=str(dump), FAIL_RANK='1', FAIL_UNTIL_RESTART='1', TMPDIR=str(tmp)),
     )
     assert node.finish() == 0, node.output
     assert '[1]: rank 1 fails on purpose' in node.output
@@ -347,8 +349,36 @@ def test_runner_single_host_env_restart_and_no_local_rank(job: Job, tmp_path: Pa
         assert env['TORCHELASTIC_USE_AGENT_STORE'] == 'False'
         assert 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE' not in env  # the agent's switch stays in the agent
         assert env['DSLAUNCH_RUN_ID']
+        # torch's layout: <tmp>/torchelastic_*/<run id>_*/attempt_<restart>/<local rank>/error.json
+        error_file = Path(env['TORCHELASTIC_ERROR_FILE'])
+        assert (error_file.name, error_file.parent.name, error_file.parents[1].name) == (
+            'error.json', env['LOCAL_RANK'], f'attempt_{restart}')
+        assert error_file.parents[2].name.startswith(f'{job.run_id}_') and error_file.parents[4] == tmp
+        assert data['error_dir_exists']
+    assert list(tmp.iterdir()) == []  # no rank wrote an error file (no @record): nothing is left
     # Each start is its own supervised job.
     assert got['rank0.restart0.json']['env']['DSLAUNCH_RUN_ID'] != got['rank0.restart1.json']['env']['DSLAUNCH_RUN_ID']
+
+
+def test_record_writes_the_failed_ranks_error_file_and_it_is_named(job: Job, tmp_path: Path) -> None:
+    """A rank using torch's `@record` fails: its exception is in its error file, which is kept
+    and named after the report; the node exits with the rank's status (1 for an exception)."""
+    logs = tmp_path / 'logs'
+    node = job.launch(
+        0,
+        world={'node0': [0, 1]},
+        max_nodes=1,
+        flags=['--max_restarts=0', f'--enable_each_rank_log={logs}'],
+        script=ROOT / 'tests' / 'scripts' / 'torch_record_rank.py',
+        script_args=[],
+        env=job.env(FAIL_RANK='1'),
+    )
+    assert node.finish(180) == 1, node.output
+    named = [line for line in node.output.splitlines() if 'error files written by failed ranks' in line]
+    assert len(named) == 1, node.output
+    path = Path(named[0].split(': ')[-1])
+    assert (path.parent.name, path.parents[1].name) == ('1', 'attempt_0') and logs in path.parents
+    assert json.loads(path.read_text())['message']['message'] == 'RuntimeError: rank 1 gives up'
 
 
 def test_restarts_run_out_exit_with_the_ranks_status(job: Job, tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ round's ranks are one ``dslaunch._core.Supervisor`` job, so they get the same ra
 line-atomic output, fail-fast teardown of whole process trees, signal forwarding and orphan guard
 as a non-elastic launch. Ranks get DeepSpeed's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE,
 CROSS_RANK, CROSS_SIZE, MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES) and torchelastic's
-(GROUP_RANK, ROLE_RANK, LOCAL_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT, ...), recomputed every round,
+(GROUP_RANK, ROLE_RANK, LOCAL_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT, ..., TORCHELASTIC_ERROR_FILE for
+torch's ``@record``: ``dslaunch.error_files``), recomputed every round,
 and no ``--local_rank`` argument.
 
 Nothing here imports torch until an elastic job really starts: validation is pure.
@@ -291,6 +292,7 @@ class _Node:
     status_line: str = 'auto'
     hang_timeout: float = 0.0
     hang_action: str = 'stop'
+    error_files: Any = None  # dslaunch.error_files.ErrorFiles: the ranks' TORCHELASTIC_ERROR_FILE
 
     def info(self, text: str) -> None:
         if not self.quiet:
@@ -324,6 +326,7 @@ class _SupervisedAgentMixin:
         self.critical = False  # starting or stopping ranks: a signal must not unwind us there
         self.restarting = False
         self.log_names: set[str] = set()
+        self.error_paths: dict[int, str] = {}  # this round's error file of each local rank
 
     # -- signals ---------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -355,6 +358,8 @@ class _SupervisedAgentMixin:
         restart_count = spec.max_restarts - self._remaining_restarts
         stamp = time.strftime('%Y%m%d%H%M%S', time.localtime())
         self.starts += 1
+        if node.error_files is not None:
+            self.error_paths = node.error_files.attempt(restart_count, (w.local_rank for w in worker_group.workers))
         specs = []
         for w in worker_group.workers:
             env = worker_env(
@@ -375,6 +380,8 @@ class _SupervisedAgentMixin:
                 use_agent_store=bool(spec.rdzv_handler.use_agent_store),
                 environ=node.base_env,
             )
+            if w.local_rank in self.error_paths:
+                env['TORCHELASTIC_ERROR_FILE'] = self.error_paths[w.local_rank]
             log = self._log_name(stamp, w.global_rank)
             specs.append(_core.RankSpec(node.argv[w.local_rank], env=env, log_file=log, tag=str(w.global_rank)))
         shown = None
@@ -447,9 +454,14 @@ class _SupervisedAgentMixin:
             for r in failed:
                 worker = worker_group.workers[r.rank]
                 code = r.returncode if r.returncode is not None else -(r.signal or 0)
-                failures[worker.global_rank] = ProcessFailure(
-                    local_rank=worker.local_rank, pid=r.pid, exitcode=code, error_file='<N/A>'
-                )
+                error_file = self.error_paths.get(worker.local_rank, '<N/A>')
+                try:  # torch reads a rank's error file here, and raises on one it cannot parse
+                    failure = ProcessFailure(local_rank=worker.local_rank, pid=r.pid, exitcode=code,
+                                             error_file=error_file)
+                except Exception:  # noqa: BLE001 (what a rank wrote must not end the agent)
+                    failure = ProcessFailure(local_rank=worker.local_rank, pid=r.pid, exitcode=code,
+                                             error_file='<N/A>')
+                failures[worker.global_rank] = failure
             return RunResult(state=WorkerState.FAILED, failures=failures)
         if all(r.state == 'exited' for r in ranks):
             done = {w.global_rank: None for w in worker_group.workers}
@@ -567,8 +579,14 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         os.environ.setdefault('TORCH_CPP_LOG_LEVEL', 'FATAL')
     _import_torch_elastic()
     _quiet_torch_logs('error' if quiet else args.log_level)
-    with PidFile(getattr(args, 'save_pid', 0) or 0), _AgentEnvironment():
-        return _run_agent(cfg, node, args, report_to, token)
+    from dslaunch.error_files import ErrorFiles
+
+    node.error_files = ErrorFiles(node.log_dir, cfg.run_id)
+    try:
+        with PidFile(getattr(args, 'save_pid', 0) or 0), _AgentEnvironment():
+            return _run_agent(cfg, node, args, report_to, token)
+    finally:
+        node.error_files.finish()
 
 
 class _AgentEnvironment:

@@ -200,21 +200,6 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: 
     return plans
 
 
-def give_error_files(plans: Sequence[RankPlan], log_dir: str | None, run_id: str) -> str | None:
-    """Gives each rank a TORCHELASTIC_ERROR_FILE, where torch's `@record` writes an uncaught
-    exception, laid out as torchrun's: `<base>/<run id>_<random>/attempt_0/<local rank>/error.json`,
-    base being `--log-dir` or a new `torchelastic_*` temporary directory, which is returned (to be
-    removed after the job unless a rank wrote its file there)."""
-    import tempfile
-
-    base = log_dir or tempfile.mkdtemp(prefix='torchelastic_')
-    attempt = os.path.join(tempfile.mkdtemp(prefix=f'{run_id}_', dir=base), 'attempt_0')
-    for p in plans:
-        os.makedirs(os.path.join(attempt, str(p.local_rank)))
-        p.env_overrides['TORCHELASTIC_ERROR_FILE'] = os.path.join(attempt, str(p.local_rank), 'error.json')
-    return None if log_dir else base
-
-
 def _random_run_id() -> str:
     h = os.urandom(16).hex()  # a UUID's shape, as torchrun's default run id (without importing uuid)
     return f'{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}'
@@ -275,23 +260,21 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         from dslaunch.launch import ensure_rank_log_dir
 
         ensure_rank_log_dir(args.log_dir)  # a file or an unwritable path: one line, as --enable_each_rank_log
-    temporary = give_error_files(plans, args.log_dir, run_id)
+    from dslaunch.error_files import ErrorFiles
+
+    error_files = ErrorFiles(args.log_dir, run_id)
+    paths = error_files.attempt(0, (p.local_rank for p in plans))
+    for p in plans:
+        p.env_overrides['TORCHELASTIC_ERROR_FILE'] = paths[p.local_rank]
     console = None
     if args.local_ranks_filter:
         local = parse_rank_selection(args.local_ranks_filter) or set()
         console = {p.rank for p in plans if p.local_rank in local}
     try:
-        code = run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
+        return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
                          grace_period=args.grace_period)
     finally:
-        written = [f for p in plans if os.path.isfile(f := p.env_overrides['TORCHELASTIC_ERROR_FILE'])]
-        if temporary is not None and not written:
-            import shutil
-
-            shutil.rmtree(temporary, ignore_errors=True)  # nothing to keep: no litter in /tmp
-    if written:
-        print(f'dslaunch: error files written by failed ranks (torch @record): {" ".join(written)}', file=sys.stderr)
-    return code
+        error_files.finish()
 
 
 if __name__ == '__main__':  # `python -m dslaunch.torch_launch ...`, like `python -m torch.distributed.launch`

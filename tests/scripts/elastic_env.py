@@ -34,11 +34,14 @@ KEYS = [
     'DSLAUNCH_RUN_ID',
     'TORCH_DISABLE_SHARE_RDZV_TCP_STORE',
     'DSLAUNCH_REPORT_TO',
+    'TORCHELASTIC_ERROR_FILE',
 ]
 rank = os.environ.get('RANK', 'x')
 restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
 with open(os.path.join(os.environ['DUMP_DIR'], f'rank{rank}.restart{restart}.json'), 'w') as f:
-    json.dump({'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in KEYS if k in os.environ}}, f)
+    error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    json.dump({'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in KEYS if k in os.environ},
+               'error_dir_exists': bool(error_file) and os.path.isdir(os.path.dirname(error_file))}, f)
 print(f'rank {rank} restart {restart} world {os.environ.get("WORLD_SIZE")}', flush=True)
 if rank == os.environ.get('FAIL_RANK') and restart < int(os.environ.get('FAIL_UNTIL_RESTART', '1000000')):
     # Fail only once every rank of this start has recorded itself: fail-fast would otherwise

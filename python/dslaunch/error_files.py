@@ -1,0 +1,52 @@
+"""TORCHELASTIC_ERROR_FILE for the ranks, as torchrun's agent gives it: torch's `@record` writes a
+rank's uncaught exception there (its message and traceback, as JSON).
+
+The layout is torch's: `<base>/<run id>_<random>/attempt_<restart>/<local rank>/error.json`, the
+base being the per-rank log directory when there is one, else a new `torchelastic_*` temporary
+directory. After the job the files ranks wrote are named in one line and kept; when no rank wrote
+one, what was made for them is removed (torch leaves it behind).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+
+
+class ErrorFiles:
+    """One node's error files over a job (one attempt per start of its ranks)."""
+
+    def __init__(self, log_dir: str | None, run_id: str) -> None:
+        import tempfile
+
+        self.temporary = not log_dir
+        self.base = log_dir or tempfile.mkdtemp(prefix='torchelastic_')
+        self.run_dir = tempfile.mkdtemp(prefix=f'{run_id}_', dir=self.base)
+        self.given: dict[str, None] = {}  # every file handed out, in order
+
+    def attempt(self, restart: int, local_ranks: Iterable[int]) -> dict[int, str]:
+        """Fresh `attempt_<restart>/<local rank>/` directories; local rank -> its error file."""
+        import shutil
+
+        attempt = os.path.join(self.run_dir, f'attempt_{restart}')
+        shutil.rmtree(attempt, ignore_errors=True)  # a repeated attempt starts clean, as in torch
+        files = {}
+        for local in local_ranks:
+            os.makedirs(os.path.join(attempt, str(local)))
+            files[local] = os.path.join(attempt, str(local), 'error.json')
+            self.given[files[local]] = None
+        return files
+
+    def finish(self) -> list[str]:
+        """Names the files ranks wrote (one line on stderr) and returns them; with none, removes
+        what was made for them."""
+        written = [path for path in self.given if os.path.isfile(path)]
+        if written:
+            print(f'dslaunch: error files written by failed ranks (torch @record): {" ".join(written)}',
+                  file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(self.base if self.temporary else self.run_dir, ignore_errors=True)
+        return written

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from dslaunch import torch_launch
-from dslaunch.errors import UsageError
+from dslaunch.errors import DslaunchError, UsageError
 from test_cli_e2e import DUMP, dslaunch, free_port, one_error_line
 
 
@@ -173,3 +173,21 @@ def test_torch_record_writes_the_failed_ranks_error_file_and_it_is_named(tmp_pat
     error = json.loads(path.read_text())
     assert error['message']['message'] == 'RuntimeError: rank 1 gives up'
     assert not (path.parents[1] / '0' / 'error.json').exists()
+
+
+def test_a_run_id_with_a_slash_still_names_its_error_files_directory(tmp_path: Path) -> None:
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    proc = dslaunch('--rdzv-id', 'team/exp 1', '--nproc-per-node', '1', DUMP, env={'DUMP_DIR': str(tmp_path),
+                                                                                 'TMPDIR': str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    (got,) = _ranks(tmp_path, 1)
+    assert got['env']['TORCHELASTIC_RUN_ID'] == 'team/exp 1'  # the variable keeps it as given
+    assert Path(got['env']['TORCHELASTIC_ERROR_FILE']).parents[2].name.startswith('team_exp_1_')
+
+
+def test_no_usable_directory_for_the_error_files_is_one_error_line() -> None:
+    from dslaunch.error_files import ErrorFiles
+
+    with pytest.raises(DslaunchError, match=r"^cannot make a directory for the ranks' error files: .*/proc"):
+        ErrorFiles('/proc', 'job')  # nobody, root included, makes a directory there

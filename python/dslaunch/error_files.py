@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Iterable
 
+from dslaunch.errors import DslaunchError
+
 
 class ErrorFiles:
     """One node's error files over a job (one attempt per start of its ranks)."""
@@ -20,10 +22,16 @@ class ErrorFiles:
     def __init__(self, log_dir: str | None, run_id: str) -> None:
         import tempfile
 
+        # the run id is the user's (--rdzv-id, ELASTIC_RUN_ID): only its plain characters name a directory
+        name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in run_id)[:64]
         self.temporary = not log_dir
-        self.base = log_dir or tempfile.mkdtemp(prefix='torchelastic_')
-        self.run_dir = tempfile.mkdtemp(prefix=f'{run_id}_', dir=self.base)
         self.given: dict[str, None] = {}  # every file handed out, in order
+        try:
+            self.base = log_dir or tempfile.mkdtemp(prefix='torchelastic_')
+            self.run_dir = tempfile.mkdtemp(prefix=f'{name}_', dir=self.base)
+        except OSError as e:
+            raise DslaunchError(f"cannot make a directory for the ranks' error files: {e.strerror or e}: "
+                                f'{e.filename or log_dir or "the temporary directory"}') from None
 
     def attempt(self, restart: int, local_ranks: Iterable[int]) -> dict[int, str]:
         """Fresh `attempt_<restart>/<local rank>/` directories; local rank -> its error file."""
@@ -33,7 +41,11 @@ class ErrorFiles:
         shutil.rmtree(attempt, ignore_errors=True)  # a repeated attempt starts clean, as in torch
         files = {}
         for local in local_ranks:
-            os.makedirs(os.path.join(attempt, str(local)))
+            try:
+                os.makedirs(os.path.join(attempt, str(local)))
+            except OSError as e:
+                raise DslaunchError(f"cannot make a directory for the ranks' error files: {e.strerror or e}: "
+                                    f'{e.filename}') from None
             files[local] = os.path.join(attempt, str(local), 'error.json')
             self.given[files[local]] = None
         return files

@@ -1,4 +1,5 @@
-"""More than two hosts: h1..h4 (the runner always starts inside h1), 2 slots each.
+"""More than two hosts: h1..h4 (the runner always starts inside h1), 2 slots each; and an elastic
+job across hosts.
 
 The two-host tests (test_engines.py) cannot show mistakes that need a third host: a node rank or
 a MASTER_ADDR taken from the wrong host, per-host slot counts mixed up between hosts, a job whose
@@ -79,3 +80,35 @@ def test_four_hosts_with_uneven_slots_and_an_exclude(runner: Runner, engine: Eng
             assert (env.get('CROSS_RANK'), env.get('CROSS_SIZE'), env.get('CUDA_VISIBLE_DEVICES')) == (
                 str(node), '4', visible[host]), (rank, env)
             assert records[rank]['local_rank_arg'] == f'--local_rank={env["LOCAL_RANK"]}', rank
+
+
+@pytest.mark.parametrize('engine', ['pdsh'], indirect=True)
+def test_elastic_job_across_two_hosts(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """`--elastic_training` over pdsh: one elastic agent on each host meets the other at the c10d
+    rendezvous on h1. Each host's 2 ranks get consecutive global ranks of a world of 4, its group
+    rank as CROSS_RANK, one MASTER_ADDR:MASTER_PORT for all (the rank-0 agent's address towards h1
+    and a port of that round, not the rendezvous port), no `--local_rank`, and an error file
+    directory made by their host's agent (and removed after the job: no rank wrote one)."""
+    cluster = runner.cluster
+    out = tmp_path / 'out'
+    run = runner.run(*engine.flags(), '-H', str(cluster.hostfile), '--elastic_training', '--min_elastic_nodes', '2',
+                     '--max_elastic_nodes', '2', '--master_addr', 'h1', '--master_port', str(PORT), *probe(out),
+                     engine=engine)
+    assert run.returncode == 0, run.stderr
+    records = runner.rank_records(out)
+    assert sorted(records) == [0, 1, 2, 3], sorted(records)
+    by_host: dict[str, list[int]] = {}
+    for rank, rec in records.items():
+        by_host.setdefault(rec['host'], []).append(rank)
+        assert rec['local_rank_arg'] is None and rec['env']['WORLD_SIZE'] == '4', rec
+        assert rec['env']['CROSS_SIZE'] == '2' and rec['env']['LOCAL_SIZE'] == '2', rec
+        assert rec['error_dir_exists'] and not Path(rec['env']['TORCHELASTIC_ERROR_FILE']).parent.exists()  # gone after
+    assert sorted(by_host) == ['h1', 'h2']
+    for ranks in by_host.values():
+        ranks.sort()
+        envs = [records[r]['env'] for r in ranks]
+        assert ranks[1] == ranks[0] + 1 and [e['LOCAL_RANK'] for e in envs] == ['0', '1']
+        assert envs[0]['CROSS_RANK'] == envs[1]['CROSS_RANK'] == str(ranks[0] // 2)
+    masters = {(rec['env']['MASTER_ADDR'], rec['env']['MASTER_PORT']) for rec in records.values()}
+    assert len(masters) == 1 and next(iter(masters))[0] == cluster.address('h1'), masters
+    assert next(iter(masters))[1] != str(PORT)

@@ -20,7 +20,7 @@ import time
 
 RANK_KEYS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 EXTRA_KEYS = ('DSLAUNCH_TEST_TAG', 'DSLAUNCH_JOB_ID', 'PYTHONPATH', 'OMP_NUM_THREADS', 'CROSS_RANK', 'CROSS_SIZE',
-              'CUDA_VISIBLE_DEVICES')
+              'CUDA_VISIBLE_DEVICES', 'TORCHELASTIC_ERROR_FILE')
 
 
 def main() -> int:
@@ -37,6 +37,7 @@ def main() -> int:
         'env': {k: os.environ[k] for k in RANK_KEYS + EXTRA_KEYS if k in os.environ},
         'exports': {k: v for k, v in os.environ.items() if k.startswith('MLFLOW_DSLT_')},
         'cpus': sorted(os.sched_getaffinity(0)),
+        'error_dir_exists': os.path.isdir(os.path.dirname(os.environ.get('TORCHELASTIC_ERROR_FILE') or '/-/-')),
         'started': time.time(),
     }
     path = os.path.join(outdir, f'rank{rank}.json')

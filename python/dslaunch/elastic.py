@@ -454,13 +454,11 @@ class _SupervisedAgentMixin:
             for r in failed:
                 worker = worker_group.workers[r.rank]
                 code = r.returncode if r.returncode is not None else -(r.signal or 0)
-                error_file = self.error_paths.get(worker.local_rank, '<N/A>')
+                what = {'local_rank': worker.local_rank, 'pid': r.pid, 'exitcode': code}
                 try:  # torch reads a rank's error file here, and raises on one it cannot parse
-                    failure = ProcessFailure(local_rank=worker.local_rank, pid=r.pid, exitcode=code,
-                                             error_file=error_file)
+                    failure = ProcessFailure(**what, error_file=self.error_paths.get(worker.local_rank, '<N/A>'))
                 except Exception:  # noqa: BLE001 (what a rank wrote must not end the agent)
-                    failure = ProcessFailure(local_rank=worker.local_rank, pid=r.pid, exitcode=code,
-                                             error_file='<N/A>')
+                    failure = ProcessFailure(**what, error_file='<N/A>')
                 failures[worker.global_rank] = failure
             return RunResult(state=WorkerState.FAILED, failures=failures)
         if all(r.state == 'exited' for r in ranks):

@@ -10,7 +10,9 @@ one, what was made for them is removed (torch leaves it behind).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable
 
 from dslaunch.errors import DslaunchError
@@ -20,8 +22,6 @@ class ErrorFiles:
     """One node's error files over a job (one attempt per start of its ranks)."""
 
     def __init__(self, log_dir: str | None, run_id: str) -> None:
-        import tempfile
-
         # the run id is the user's (--rdzv-id, ELASTIC_RUN_ID): only its plain characters name a directory
         name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in run_id)[:64]
         self.temporary = not log_dir
@@ -30,13 +30,10 @@ class ErrorFiles:
             self.base = log_dir or tempfile.mkdtemp(prefix='torchelastic_')
             self.run_dir = tempfile.mkdtemp(prefix=f'{name}_', dir=self.base)
         except OSError as e:
-            raise DslaunchError(f"cannot make a directory for the ranks' error files: {e.strerror or e}: "
-                                f'{e.filename or log_dir or "the temporary directory"}') from None
+            raise _cannot_make(e) from None
 
     def attempt(self, restart: int, local_ranks: Iterable[int]) -> dict[int, str]:
         """Fresh `attempt_<restart>/<local rank>/` directories; local rank -> its error file."""
-        import shutil
-
         attempt = os.path.join(self.run_dir, f'attempt_{restart}')
         shutil.rmtree(attempt, ignore_errors=True)  # a repeated attempt starts clean, as in torch
         files = {}
@@ -44,8 +41,7 @@ class ErrorFiles:
             try:
                 os.makedirs(os.path.join(attempt, str(local)))
             except OSError as e:
-                raise DslaunchError(f"cannot make a directory for the ranks' error files: {e.strerror or e}: "
-                                    f'{e.filename}') from None
+                raise _cannot_make(e) from None
             files[local] = os.path.join(attempt, str(local), 'error.json')
             self.given[files[local]] = None
         return files
@@ -58,7 +54,10 @@ class ErrorFiles:
             print(f'dslaunch: error files written by failed ranks (torch @record): {" ".join(written)}',
                   file=sys.stderr)
         else:
-            import shutil
-
             shutil.rmtree(self.base if self.temporary else self.run_dir, ignore_errors=True)
         return written
+
+
+def _cannot_make(e: OSError) -> DslaunchError:
+    return DslaunchError(f"cannot make a directory for the ranks' error files: {e.strerror or e}: "
+                         f'{e.filename or "the temporary directory"}')

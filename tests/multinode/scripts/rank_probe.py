@@ -28,6 +28,7 @@ def main() -> int:
     local_rank_arg = words.pop(0) if words and words[0].startswith('--local_rank=') else None
     outdir, args = words[0], words[1:]
     rank = os.environ.get('RANK', f'unknown-{os.getpid()}')
+    error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
     record = {
         'host': socket.gethostname(),
         'pid': os.getpid(),
@@ -37,7 +38,7 @@ def main() -> int:
         'env': {k: os.environ[k] for k in RANK_KEYS + EXTRA_KEYS if k in os.environ},
         'exports': {k: v for k, v in os.environ.items() if k.startswith('MLFLOW_DSLT_')},
         'cpus': sorted(os.sched_getaffinity(0)),
-        'error_dir_exists': os.path.isdir(os.path.dirname(os.environ.get('TORCHELASTIC_ERROR_FILE') or '/-/-')),
+        'error_dir_exists': bool(error_file) and os.path.isdir(os.path.dirname(error_file)),
         'started': time.time(),
     }
     path = os.path.join(outdir, f'rank{rank}.json')

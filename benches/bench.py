@@ -196,6 +196,7 @@ class Reaper(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.done: dict[int, tuple[int, Any]] = {}
+        self.launchers: set[int] = set()
         self.cv = threading.Condition()
         self.stopping = False
 
@@ -214,12 +215,25 @@ class Reaper(threading.Thread):
                 time.sleep(0.002)
                 continue
             with self.cv:
-                self.done[pid] = (status, ru)
-                self.cv.notify_all()
+                # Only launchers' statuses are kept. An orphan's would outlive its pid, and a
+                # later launcher given that pid again (pid_max wraps every few 1,024-rank trials)
+                # would be handed the orphan's status.
+                if pid in self.launchers:
+                    self.done[pid] = (status, ru)
+                    self.cv.notify_all()
+
+    def spawn(self, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        """Starts a launcher whose status `result` will give. The lock is held across the fork,
+        so the status of a launcher that exits at once is recorded only after it is known."""
+        with self.cv:
+            proc = start()
+            self.launchers.add(proc.pid)
+            return proc
 
     def result(self, pid: int, timeout: float = 30.0) -> tuple[int, Any] | None:
         with self.cv:
             self.cv.wait_for(lambda: pid in self.done, timeout)
+            self.launchers.discard(pid)
             return self.done.pop(pid, None)
 
     def stop(self) -> None:
@@ -269,10 +283,14 @@ class Trial:
         out = self.stdout_arg if self.stdout_arg is not None else tempfile.TemporaryFile()  # noqa: SIM115
         self.outf = out if self.stdout_arg is None else None
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=self.errf,
-            cwd=self.cwd, start_new_session=True,
-        )  # fmt: skip
+
+        def popen() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=self.errf,
+                cwd=self.cwd, start_new_session=True,
+            )  # fmt: skip
+
+        self.proc = REAPER.spawn(popen) if REAPER is not None else popen()
         self.pidfd = os.pidfd_open(self.proc.pid)
 
     @property

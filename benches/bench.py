@@ -3,6 +3,8 @@
 
 Launchers (one line each in every table):
   floor      benches/floor.c, compiled with cc now: posix_spawn N + signalfd/waitpid (+ epoll mux)
+  pyfloor    benches/pyfloor.py under `python -S` (teardown only): the same job in a Python process,
+             what the interpreter alone costs a launcher hosted by Python
   dslaunch   .venv/bin/dslaunch --num_gpus N --no_python --no_local_rank PROG...
   torchrun   python -m torch.distributed.run --standalone --nproc-per-node N --no-python PROG...
   deepspeed  python -m deepspeed.launcher.launch --world_info=<b64 {"localhost": [0..N-1]}>
@@ -378,6 +380,8 @@ class Env:
             return [str(self.floor), *(['--mux', '--prefix'] if mux else []), str(n), *argv]
         if launcher == 'floor-file':
             return [str(self.floor), str(n), *argv]
+        if launcher == 'pyfloor':
+            return [str(self.dslaunch_py), '-S', str(BENCHES / 'pyfloor.py'), str(n), *argv]
         if launcher == 'dslaunch' or launcher in self.extra:
             return [str(self.dslaunch), '--num_gpus', str(n), '--no_python', '--no_local_rank', *argv]
         if launcher == 'dslaunch-node':
@@ -506,7 +510,9 @@ def wait_ranks(t: Trial, env: Env, want: int, timeout: float) -> list[int]:
 def scen_teardown(env: Env, ns: Sequence[int], reps: int, rng: random.Random) -> list[Record]:
     out = []
     for n in ns:
-        for rep, name in interleaved(env, rng, reps):
+        # pyfloor: a reference line for the SIGTERM teardown (what any launcher hosted by a Python
+        # interpreter costs), not a launcher of its own: no SIGKILL trial.
+        for rep, name in interleaved(env, rng, reps, [*env.launchers, 'pyfloor']):
             # SIGTERM: time until the launcher, every rank and every grandchild are gone.
             t = Trial(env.command(name, n, [env.rankprog, 'tree']), env.env_for(name))
             t.start()
@@ -530,6 +536,8 @@ def scen_teardown(env: Env, ns: Sequence[int], reps: int, rng: random.Random) ->
                             'error': None if ready == 2 * n else f'only {ready} of {2 * n} processes came up'})  # fmt: skip
             progress(f'sigterm n={n} {name}: all gone {fmt_s(all_gone)} launcher exit {fmt_s(exit_t)} '
                      f'rc={o.returncode} survivors={survivors}')  # fmt: skip
+            if name == 'pyfloor':
+                continue
 
             # SIGKILL: what is still running 1 s later.
             t = Trial(env.command(name, n, [env.rankprog, 'tree']), env.env_for(name))
@@ -780,7 +788,7 @@ def timing_table(records: Sequence[Record], scenario: str, metric: str, title: s
 
 def order_key(name: str, first: str = 'floor') -> tuple[int, str]:
     """Table order: the floor(s), dslaunch and its variants, then the peers."""
-    order = [first, 'floor', 'file', 'floor-mux', 'dslaunch', 'dslaunch+', 'dslaunch-node', 'torchrun', 'deepspeed']
+    order = [first, 'floor', 'pyfloor', 'file', 'floor-mux', 'dslaunch', 'dslaunch+', 'dslaunch-node', 'torchrun', 'deepspeed']
     for i, prefix in enumerate(order):
         if name == prefix or (prefix.endswith('+') and name.startswith(prefix)):
             return i, name
@@ -890,6 +898,10 @@ def targets(rec: Sequence[Record]) -> list[dict[str, Any]]:
             f'{fmt_ratio(r)}, survivors {surv}',
             None if r is None else (r <= 1.5 and surv == 0),
         )
+        r = ratio(m('sigterm', n, 'pyfloor'), m('sigterm', n, 'floor'))
+        if r is not None:
+            add(f'(reference, not a target) SIGTERM teardown N={n}: the Python floor (pyfloor) vs the floor',
+                fmt_ratio(r), None)  # fmt: skip
     for n in sorted({r['n'] for r in rec if r['scenario'] == 'sigkill'}):
         o = worst('sigkill', n, 'dslaunch', 'orphans_1s')
         add(f'SIGKILL N={n}: 0 left after 1 s', str(o), None if o is None else o == 0)

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 
 STYLE = {
     'floor': {'color': 'black', 'linestyle': '--', 'marker': 'o'},
+    'pyfloor': {'color': 'grey', 'linestyle': ':', 'marker': '.'},
     'dslaunch': {'color': 'tab:green', 'marker': 'o'},
     'dslaunch+fix': {'color': 'tab:green', 'linestyle': ':', 'marker': 'x'},
     'torchrun': {'color': 'tab:orange', 'marker': 's'},

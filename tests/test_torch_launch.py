@@ -38,9 +38,40 @@ def test_options_after_the_script_never_select_the_torch_cli() -> None:
     assert torch_launch.wants_torch_cli(['--master_port', '1234', '--nproc_per_node', '2', 'train.py'])
 
 
+@pytest.mark.parametrize('head', [['--role', 'trainer'], ['--monitor-interval', '1'], ['--start_method', 'fork'],
+                                  ['--rdzv-conf', 'join_timeout=60'], ['--event-log-handler', 'null']])
+def test_every_torchrun_option_with_its_value_selects_the_torch_cli(tmp_path: Path, head: list[str]) -> None:
+    """torchrun's options, in either spelling and with the value as the next word, before the
+    first option that names a worker count: their value is not taken for the script. The agent's
+    tuning knobs are accepted and have nothing to tune here."""
+    proc = dslaunch(*head, '--nproc-per-node', '2', DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    envs = [r['env'] for r in _ranks(tmp_path, 2)]
+    assert [e['LOCAL_WORLD_SIZE'] for e in envs] == ['2', '2']
+    assert {e['ROLE_NAME'] for e in envs} == {'trainer' if head[0] == '--role' else 'default'}
+
+
+@pytest.mark.parametrize('head', [['--tee', '3'], ['-r', '3'], ['--duplicate-stdout-filters', 'loss'], ['--run-path']])
+def test_torchrun_options_not_supported_are_the_torch_front_ends_usage_error(head: list[str]) -> None:
+    proc = dslaunch(*head, '--nproc-per-node', '2', 'train.py')
+    assert proc.returncode == 2
+    assert f'unrecognized arguments: {head[0]}' in proc.stderr
+    assert '--nproc-per-node' in proc.stderr and '-H HOSTFILE' not in proc.stderr  # not DeepSpeed's usage
+
+
+def test_the_spellings_deepspeeds_runner_shares_keep_its_meaning_when_alone() -> None:
+    """`dslaunch --master_port P train.py` is `deepspeed --master_port P train.py`: these names
+    are DeepSpeed's runner's too, and dslaunch is its drop-in first."""
+    for head in (['--master_port', '1234'], ['--master_addr', 'h'], ['--node_rank', '0'], ['--max_restarts', '1'],
+                 ['--no_python'], ['--module']):
+        assert not torch_launch.wants_torch_cli([*head, 'train.py']), head
+        assert torch_launch.wants_torch_cli([*head, '--nproc_per_node', '2', 'train.py']), head
+
+
 def test_local_rank_macro_and_torchelastic_variables(tmp_path: Path) -> None:
-    proc = dslaunch('--nnodes', '1:1', '--nproc-per-node', '2', '--role', 'trainer', '--rdzv-id', 'job7', DUMP,
-                    '--dev=${local_rank}', '$local_rank', '$HOME', env={'DUMP_DIR': str(tmp_path)})
+    proc = dslaunch('--nnodes', '1:1', '--nproc-per-node', '2', '--role', 'trainer', '--rdzv-id', 'job7',
+                    '--master-port', str(free_port()), DUMP, '--dev=${local_rank}', '$local_rank', '$HOME',
+                    env={'DUMP_DIR': str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     for r, got in enumerate(_ranks(tmp_path, 2)):
         assert got['argv'] == [f'--local-rank={r}', f'--dev={r}', str(r), '$HOME']
@@ -135,16 +166,31 @@ def test_plans_substitute_only_the_local_rank_macro() -> None:
         torch_launch.plans_for(_args(nnodes='2:3', master_port=1), python='py', log_stamp='s')
 
 
-@pytest.mark.parametrize(('flags', 'run_id'), [([], 'none'), (['--rdzv-id', 'job7'], 'job7'),
-                                               (['--standalone'], None)], ids=['static', 'rdzv-id', 'standalone'])
+@pytest.mark.parametrize(('flags', 'run_id'), [
+    ([], None), (['--rdzv-id', 'job7'], None), (['--standalone'], None), (['--standalone', '--rdzv-id', 'job7'], None),
+    (['--master-port', '{port}'], 'none'), (['--master-port', '{port}', '--rdzv-id', 'job7'], 'job7'),
+    (['--rdzv-backend', 'c10d', '--rdzv-endpoint', 'localhost:{port}', '--rdzv-id', 'job7'], 'job7'),
+    (['--rdzv-endpoint', '127.0.0.1:{port}'], 'none'), (['--nnodes', '2', '--node-rank', '1', '--rdzv-id', 'job7'], 'job7'),
+], ids=['one-node', 'one-node-rdzv-id', 'standalone', 'standalone-rdzv-id', 'master-port', 'master-port-rdzv-id',
+        'c10d-endpoint', 'static-endpoint', 'two-nodes'])
 def test_run_id_and_error_files_as_torchrun_gives_them(tmp_path: Path, flags: list[str], run_id: str | None) -> None:
-    """TORCHELASTIC_RUN_ID is 'none' unless --rdzv-id names one or --standalone makes a random one;
-    each rank gets its own TORCHELASTIC_ERROR_FILE, `<tmp>/torchelastic_*/<run id>_*/attempt_0/
+    """TORCHELASTIC_RUN_ID as torch 2.15's torchrun gives it (run side by side): a random one under
+    --standalone, and on one node when nothing names the rendezvous (no --master-port, no
+    --rdzv-endpoint, the static backend), where torchrun turns to a local c10d rendezvous and drops
+    a --rdzv-id; else --rdzv-id, by default 'none' (`None` here: a random id, a UUID's shape).
+    Each rank gets its own TORCHELASTIC_ERROR_FILE, `<tmp>/torchelastic_*/<run id>_*/attempt_0/
     <local rank>/error.json`, whose directory exists. A job where no rank wrote one leaves nothing
     in the temporary directory."""
     tmp = tmp_path / 'tmp'
     tmp.mkdir()
-    proc = dslaunch(*flags, '--nproc-per-node', '2', DUMP, env={'DUMP_DIR': str(tmp_path), 'TMPDIR': str(tmp)})
+    port = str(free_port())
+    if '--nnodes' in flags:  # the second of two nodes: what it gives its ranks, without the job (dry run)
+        proc = dslaunch(*flags, '--nproc-per-node', '2', '--dry_run', DUMP)
+        assert proc.returncode == 0, proc.stderr
+        assert re.findall(r'TORCHELASTIC_RUN_ID=(\S+)', proc.stdout) == [run_id, run_id]
+        return
+    proc = dslaunch(*[f.format(port=port) for f in flags], '--nproc-per-node', '2', DUMP,
+                    env={'DUMP_DIR': str(tmp_path), 'TMPDIR': str(tmp)})
     assert proc.returncode == 0, proc.stderr
     ranks = _ranks(tmp_path, 2)
     ids = {r['env']['TORCHELASTIC_RUN_ID'] for r in ranks}
@@ -178,8 +224,8 @@ def test_torch_record_writes_the_failed_ranks_error_file_and_it_is_named(tmp_pat
 def test_a_run_id_with_a_slash_still_names_its_error_files_directory(tmp_path: Path) -> None:
     tmp = tmp_path / 'tmp'
     tmp.mkdir()
-    proc = dslaunch('--rdzv-id', 'team/exp 1', '--nproc-per-node', '1', DUMP, env={'DUMP_DIR': str(tmp_path),
-                                                                                 'TMPDIR': str(tmp)})
+    proc = dslaunch('--rdzv-id', 'team/exp 1', '--master-port', str(free_port()), '--nproc-per-node', '1', DUMP,
+                    env={'DUMP_DIR': str(tmp_path), 'TMPDIR': str(tmp)})
     assert proc.returncode == 0, proc.stderr
     (got,) = _ranks(tmp_path, 1)
     assert got['env']['TORCHELASTIC_RUN_ID'] == 'team/exp 1'  # the variable keeps it as given

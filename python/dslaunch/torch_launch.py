@@ -21,12 +21,22 @@ TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the 
 if TYPE_CHECKING:
     from dslaunch.launch import RankPlan
 
-#: Options that only torch's launchers have: seeing one before the script selects this front end.
+#: Options that only torch's launchers have (torch 2.15's torchrun, plus torch.distributed.launch's
+#: --use-env): seeing one before the script selects this front end, even one this front end then
+#: refuses (its own error, not DeepSpeed's usage). The spellings DeepSpeed's runner shares
+#: (--master_addr, --master_port, --node_rank, --no_python, --module, --max_restarts) keep
+#: DeepSpeed's meaning when alone.
 TORCH_ONLY_OPTIONS = (
     '--nproc-per-node', '--nproc_per_node', '--nnodes', '--node-rank', '--master-addr', '--master-port',
-    '--use-env', '--use_env', '--no-python', '--standalone', '--max-restarts', '--max_restarts',
+    '--use-env', '--use_env', '--no-python', '--standalone', '--max-restarts',
     '--rdzv-backend', '--rdzv_backend', '--rdzv-endpoint', '--rdzv_endpoint', '--rdzv-id', '--rdzv_id',
-    '--local-ranks-filter', '--local_ranks_filter', '--log-dir', '--log_dir',
+    '--rdzv-conf', '--rdzv_conf', '--monitor-interval', '--monitor_interval', '--start-method', '--start_method',
+    '--event-log-handler', '--event_log_handler', '--role', '--run-path', '--run_path',
+    '--local-ranks-filter', '--local_ranks_filter', '--log-dir', '--log_dir', '-r', '--redirects', '-t', '--tee',
+    '--log-line-prefix-template', '--log_line_prefix_template', '--duplicate-stdout-filters',
+    '--duplicate_stdout_filters', '--duplicate-stderr-filters', '--duplicate_stderr_filters', '--local-addr',
+    '--local_addr', '--logs-specs', '--logs_specs', '--numa-binding', '--numa_binding', '--signals-to-handle',
+    '--signals_to_handle', '--shutdown-timeout', '--shutdown_timeout', '--virtual-local-rank', '--virtual_local_rank',
 )
 
 
@@ -38,8 +48,14 @@ DEEPSPEED_ONLY_OPTIONS = ('--elastic_training', '--min_elastic_nodes', '--max_el
 _VALUE_OPTIONS = (
     '--nproc-per-node', '--nproc_per_node', '--nnodes', '--node-rank', '--node_rank', '--master-addr',
     '--master_addr', '--master-port', '--master_port', '--max-restarts', '--max_restarts', '--rdzv-backend',
-    '--rdzv_backend', '--rdzv-endpoint', '--rdzv_endpoint', '--rdzv-id', '--rdzv_id', '--log-dir', '--log_dir',
-    '--local-ranks-filter', '--local_ranks_filter', '--grace_period',
+    '--rdzv_backend', '--rdzv-endpoint', '--rdzv_endpoint', '--rdzv-id', '--rdzv_id', '--rdzv-conf', '--rdzv_conf',
+    '--monitor-interval', '--monitor_interval', '--start-method', '--start_method', '--event-log-handler',
+    '--event_log_handler', '--role', '--log-dir', '--log_dir', '--local-ranks-filter', '--local_ranks_filter',
+    '-r', '--redirects', '-t', '--tee', '--log-line-prefix-template', '--log_line_prefix_template',
+    '--duplicate-stdout-filters', '--duplicate_stdout_filters', '--duplicate-stderr-filters',
+    '--duplicate_stderr_filters', '--local-addr', '--local_addr', '--logs-specs', '--logs_specs', '--numa-binding',
+    '--numa_binding', '--signals-to-handle', '--signals_to_handle', '--shutdown-timeout', '--shutdown_timeout',
+    '--grace_period',
 )
 
 
@@ -88,12 +104,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument('--rdzv-backend', '--rdzv_backend', dest='rdzv_backend', default='static')
     p.add_argument('--rdzv-endpoint', '--rdzv_endpoint', dest='rdzv_endpoint', default='')
     p.add_argument('--rdzv-id', '--rdzv_id', dest='rdzv_id', default='none',
-                   help="the workers' TORCHELASTIC_RUN_ID (default: a random id under --standalone, else 'none')")
+                   help="the workers' TORCHELASTIC_RUN_ID (default 'none'; a random id under --standalone, and on one node "
+                        'without --master-port or --rdzv-endpoint, as torchrun)')
     p.add_argument('--role', default='default', help='ROLE_NAME given to the workers')
     p.add_argument('--log-dir', '--log_dir', dest='log_dir', default=None, help='per-rank log files here')
-    # torchrun's tuning knobs of its own agent and worker start-up: nothing to tune here
-    for flag, alt in (('--monitor-interval', '--monitor_interval'), ('--start-method', '--start_method')):
-        p.add_argument(flag, alt, dest=alt[2:], default=None, help='accepted and ignored (no polling agent here)')
+    # torchrun's tuning knobs of its own agent, worker start-up, rendezvous timeouts and event log:
+    # nothing to tune here (no polling agent, no multiprocessing start, a static rendezvous)
+    for flag, alt in (('--monitor-interval', '--monitor_interval'), ('--start-method', '--start_method'),
+                      ('--rdzv-conf', '--rdzv_conf'), ('--event-log-handler', '--event_log_handler')):
+        p.add_argument(flag, alt, dest=alt[2:], default=None, help='accepted and ignored (no agent here to tune)')
     p.add_argument('--local-ranks-filter', '--local_ranks_filter', dest='local_ranks_filter', default=None,
                    help='only these local ranks on the console, e.g. 0 or 0,2')
     p.add_argument('--raw_output', action='store_true', help='no rank prefix on console lines')
@@ -200,6 +219,17 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: 
     return plans
 
 
+def torch_run_id(rdzv_id: str, *, standalone: bool, rdzv_backend: str, rdzv_endpoint: str, master_port: int | None,
+                 one_node: bool) -> str:
+    """The workers' TORCHELASTIC_RUN_ID, as torch 2.15's torchrun makes it: a random one under
+    --standalone, and also on one node when nothing names a rendezvous (the static backend, no
+    --rdzv-endpoint, no --master-port), where torchrun turns to a local c10d rendezvous with a
+    fresh id (a --rdzv-id given then is dropped, as there); else --rdzv-id, by default 'none'."""
+    if standalone or (rdzv_backend == 'static' and not rdzv_endpoint and master_port is None and one_node):
+        return _random_run_id()
+    return rdzv_id
+
+
 def _random_run_id() -> str:
     h = os.urandom(16).hex()  # a UUID's shape, as torchrun's default run id (without importing uuid)
     return f'{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}'
@@ -214,6 +244,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
 
     args = build_parser(prog).parse_args(list(argv))
     asked_standalone = args.standalone
+    given_backend, given_endpoint, given_port = args.rdzv_backend, args.rdzv_endpoint, args.master_port
     probes = SystemProbes()
     one_node = fixed_nnodes(args.nnodes) == 1
     if args.rdzv_backend not in ('static', 'c10d', 'etcd', 'etcd-v2'):
@@ -241,8 +272,8 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     if args.max_restarts:
         raise UsageError('--max-restarts needs the elastic agent: use --elastic_training')
     python = os.environ.get('PYTHON_EXEC', sys.executable)  # torchrun's override of the workers' interpreter
-    # torchrun's run id: --rdzv-id, a random one under --standalone, else 'none'
-    run_id = args.rdzv_id if args.rdzv_id != 'none' else _random_run_id() if asked_standalone else 'none'
+    run_id = torch_run_id(args.rdzv_id, standalone=asked_standalone, rdzv_backend=given_backend,
+                          rdzv_endpoint=given_endpoint, master_port=given_port, one_node=one_node)
     plans = plans_for(args, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=run_id)
     if args.dry_run:
         for p in plans:

@@ -222,6 +222,26 @@ def test_background_processes_killed_at_the_end_are_reported_on_success(tmp_path
     assert 'dslaunch: killed 2 process(es) the ranks left behind' in proc.stderr
 
 
+NO_LOCAL_RANK_SCRIPT = "import argparse\np = argparse.ArgumentParser()\np.add_argument('--lr')\np.parse_args()\n"
+
+
+@pytest.mark.parametrize(('front', 'fix'), [(['--num_gpus', '2'], '--no_local_rank'),
+                                            (['--nproc-per-node', '2'], '--use-env')], ids=['deepspeed', 'torch'])
+def test_a_script_that_rejects_the_local_rank_argument_gets_a_hint(tmp_path: Path, front: list[str], fix: str) -> None:
+    """A script written for torchrun (or that reads LOCAL_RANK) fails on the argument the launcher
+    passes, as under deepspeed and torch.distributed.launch; the report names the flag that drops
+    it, and with that flag the same script runs."""
+    script = tmp_path / 'train.py'
+    script.write_text(NO_LOCAL_RANK_SCRIPT)
+    proc = dslaunch(*front, str(script), '--lr', '0.1')
+    assert proc.returncode == 2
+    hints = [ln for ln in proc.stderr.splitlines() if ln.startswith('dslaunch: hint:')]
+    assert len(hints) == 1 and f'add {fix} before the script' in hints[0], proc.stderr
+    proc = dslaunch(*front, fix, str(script), '--lr', '0.1')
+    assert proc.returncode == 0, proc.stderr
+    assert 'hint' not in proc.stderr
+
+
 def test_raw_output_and_console_ranks(tmp_path: Path) -> None:
     proc = dslaunch('--num_gpus', '3', '--raw_output', DUMP, env={'DUMP_DIR': str(tmp_path)})
     assert sorted(ln for ln in proc.stdout.splitlines() if 'hello' in ln) == [f'hello from rank {r}' for r in range(3)]

@@ -93,7 +93,28 @@ def render(report: Report, *, host: str | None = None, hangs: Sequence[Hang] = (
     if cause is not None and cause.stderr_tail:
         lines.append(f'dslaunch: last stderr lines of rank {cause.tag}:')
         lines.extend(cause.stderr_tail)
+        lines += _local_rank_hint(cause.stderr_tail)
     return lines + _leftovers_note(report) + _log_notes(report)
+
+
+#: The argument each front end gives the script, and the flag before the script that drops it.
+_LOCAL_RANK_ARGS = (
+    ('--local_rank=', 'dslaunch passes it, as deepspeed does: add --no_local_rank before the script'),
+    ('--local-rank=', ('dslaunch passes it, as torch.distributed.launch does: add --use-env before the script, '
+                       'as a torchrun script needs')),
+)
+
+
+def _local_rank_hint(stderr_tail: Sequence[str]) -> list[str]:
+    """A script whose argparse rejected the launcher's own local-rank argument (a script written
+    for torchrun, or one that reads LOCAL_RANK): which flag stops dslaunch passing it."""
+    for line in stderr_tail:
+        if 'unrecognized arguments:' not in line:
+            continue
+        for arg, fix in _LOCAL_RANK_ARGS:
+            if arg in line.partition('unrecognized arguments:')[2]:
+                return [f'dslaunch: hint: the script does not take {arg}N; {fix}']
+    return []
 
 
 def _leftovers_note(report: Report) -> list[str]:

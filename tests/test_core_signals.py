@@ -145,6 +145,56 @@ def test_terminate_with_another_signal(tmp_path: Path) -> None:
     assert [r.returncode for r in report.ranks] == [128 + signal.SIGHUP] * 2
 
 
+SLOW_TERM_RANK = ('import signal, sys, time\n'
+                  "def bye(*_):\n    time.sleep(0.8)\n    open(sys.argv[1], 'w').close()\n    sys.exit(0)\n"
+                  "signal.signal(signal.SIGTERM, bye)\nopen(sys.argv[2], 'w').close()\ntime.sleep(60)\n")
+
+
+@pytest.mark.parametrize('how', ['stop', 'send_signal'])
+def test_a_stop_from_outside_keeps_the_grace_period_of_a_job_already_ending(tmp_path: Path, how: str) -> None:
+    """A multi-node runner tells every node to stop when a rank fails somewhere, the failing node
+    included, which is already ending: `stop()` leaves that teardown as it is (the healthy rank's
+    SIGTERM handler finishes its 0.8 s), where a second terminating signal kills at once."""
+    done, ready = tmp_path / 'handler-done', tmp_path / 'ready'
+    sup = _core.Supervisor([_core.RankSpec([PY, '-c', SLOW_TERM_RANK, str(done), str(ready)]),
+                            _core.RankSpec(['sh', '-c', f'while [ ! -e {ready} ]; do sleep 0.01; done; exit 3'])],
+                           grace_period=LONG_GRACE, forward_signals=[])  # fmt: skip
+    sup.start()
+    wait_until(lambda: sup.status()[1].state == 'failed', 15, 'rank 1 to fail')
+    getattr(sup, how)(signal.SIGTERM)
+    report = sup.wait(timeout=15)
+    assert report is not None and report.returncode == 3 and report.first_failure.rank == 1
+    if how == 'stop':
+        assert done.exists() and report.ranks[0].returncode == 0
+    else:
+        assert not done.exists() and report.ranks[0].returncode == -signal.SIGKILL
+
+
+def test_stop_is_the_signal_while_the_job_runs_and_sigkill_kills(tmp_path: Path) -> None:
+    sup = _core.Supervisor([_core.RankSpec(a) for a in _signal_ranks(tmp_path, n=2)], grace_period=LONG_GRACE,
+                           forward_signals=[])  # fmt: skip
+    sup.start()
+    _wait_ready(tmp_path, 2)
+    sup.stop(signal.SIGUSR1)  # not a terminating one: forwarded, the job goes on
+    wait_until(lambda: _all_received(tmp_path, [signal.SIGUSR1], n=2), 10, 'SIGUSR1 to reach the ranks')
+    assert sup.poll() is None
+    sup.stop(signal.SIGINT)
+    report = sup.wait(timeout=10)
+    assert report is not None and report.interrupted_by == signal.SIGINT and report.returncode == 128 + signal.SIGINT
+    assert _all_received(tmp_path, [signal.SIGUSR1, signal.SIGINT], n=2)
+    ignoring = _core.Supervisor([_core.RankSpec(a) for a in _signal_ranks(tmp_path / 'x', n=1, ignore='TERM')],
+                                grace_period=LONG_GRACE, forward_signals=[])  # fmt: skip
+    (tmp_path / 'x').mkdir()
+    ignoring.start()
+    _wait_ready(tmp_path / 'x', 1)
+    ignoring.stop(signal.SIGTERM)
+    time.sleep(0.3)
+    assert ignoring.poll() is None  # the grace period runs
+    ignoring.stop(signal.SIGKILL)
+    report = ignoring.wait(timeout=10)
+    assert report is not None and report.ranks[0].returncode == -signal.SIGKILL
+
+
 def test_kill_from_python_is_immediate() -> None:
     sup = _core.Supervisor(
         [_core.RankSpec(['sleep', '60']) for _ in range(4)], grace_period=LONG_GRACE, forward_signals=[]

@@ -199,6 +199,9 @@ class Supervisor:
         """Every rank's state now. Never blocks."""
     def send_signal(self, signal: int) -> None:
         """Forwards a signal to every running rank's group (as if the launcher received it)."""
+    def stop(self, signal: int) -> None:
+        """A stop asked for from outside (a multi-node runner): as `send_signal`, but a job already
+        ending goes on ending with its grace period; only SIGKILL kills at once. Returns at once."""
     def terminate(self, grace_period: float | None = None, signal: int = 15) -> None:
         """Begins stopping the job: `signal` now, SIGKILL after the grace period. Returns at once."""
     def kill(self) -> None:

@@ -190,9 +190,11 @@ def run_plans(
     started: list[bool] = []  # [True] once the ranks run (a flag for the client's thread: no threading import)
 
     def on_stop(sig: int) -> None:
+        # The runner's stop: a node already ending (one of its ranks failed) keeps its ranks'
+        # grace period, where a second signal to this process would kill them at once.
         stops.append(sig)
         if started:
-            sup.send_signal(sig)
+            sup.stop(sig)
 
     client = None
     if report_to and token:
@@ -213,7 +215,7 @@ def run_plans(
             raise DslaunchError(msg) from None
         started.append(True)
         if stops:
-            sup.send_signal(stops[0])  # a stop that arrived while the ranks were starting
+            sup.stop(stops[0])  # a stop that arrived while the ranks were starting
         if not quiet and plans:
             sup.console_message(f'dslaunch: job {sup.run_id}: {len(plans)} rank(s), launcher pid {os.getpid()} '
                                 f'(their Python stacks: dslaunch stacks {sup.run_id})')

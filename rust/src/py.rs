@@ -652,6 +652,17 @@ impl PySupervisor {
         Ok(())
     }
 
+    /// A stop asked for from outside (a multi-node runner telling this node to stop): the same as
+    /// `send_signal(signal)`, except that a job already ending (a rank failed, an earlier stop)
+    /// goes on ending with its grace period: only SIGKILL kills at once. Returns at once.
+    fn stop(&self, signal: i32) -> PyResult<()> {
+        if !signals::is_valid(signal) {
+            return Err(PyValueError::new_err(format!("invalid signal {signal}")));
+        }
+        self.handle()?.send(Command::Stop(signal));
+        Ok(())
+    }
+
     /// Begins stopping the job: `signal` to every rank tree now, SIGKILL after `grace_period`.
     /// Returns at once; `wait()` for the report.
     #[pyo3(signature = (grace_period=None, signal=15))]

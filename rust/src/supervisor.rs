@@ -126,6 +126,10 @@ pub enum Command {
     /// A signal the launcher received: forwarded to every rank's group. SIGINT, SIGTERM and
     /// SIGHUP also end the job (SIGKILL after the grace period; a second one kills at once).
     Signal(i32),
+    /// A stop asked for from outside, as by a multi-node runner: the same as `Signal(sig)` while
+    /// the job runs, but a job already ending (a rank failed, an earlier stop) goes on ending,
+    /// its ranks keeping their grace period; only SIGKILL kills at once.
+    Stop(i32),
     /// Stop the job: `sig` to every rank tree, SIGKILL after `grace` (default: the config's).
     Terminate {
         /// The polite signal.
@@ -834,6 +838,20 @@ impl Loop {
                     }
                 }
                 Command::Signal(sig) => {
+                    for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
+                        signals::killpg(r.pid, sig);
+                    }
+                }
+                Command::Stop(sig) if signals::TERMINATING.contains(&sig) => {
+                    if self.teardown.is_none() {
+                        if self.first_failure.is_none() {
+                            self.interrupted_by = Some(sig);
+                        }
+                        self.begin_teardown(sig, self.grace);
+                    }
+                }
+                Command::Stop(libc::SIGKILL) => self.begin_teardown(libc::SIGKILL, Duration::ZERO),
+                Command::Stop(sig) => {
                     for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
                         signals::killpg(r.pid, sig);
                     }

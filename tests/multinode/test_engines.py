@@ -453,6 +453,31 @@ def check_a_failure_stops_every_host(runner: Runner, engine: Engine, tmp_path: P
             runner.cluster.cleanup_jobs()
 
 
+@pytest.mark.parametrize('engine', ['pdsh'], indirect=True)
+def test_after_a_failure_every_other_rank_gets_its_grace_period(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """Rank 1 (on h1) exits 7; the other ranks catch SIGTERM and need 1 s to clean up. Every one of
+    them finishes it, on the failing rank's host too: that node's launcher is already ending when
+    the runner's stop reaches it, and the stop does not turn into a SIGKILL there (found by running
+    DeepSpeed's runner side by side, which gives them its 30 s)."""
+    out = tmp_path / 'out'
+    control(out, exit={'1': 7}, exit_after=0.5, sleep=30, term_delay=1.0)
+    job = runner.start(*engine.flags(), '-H', str(runner.cluster.hostfile), *probe(out), engine=engine)
+    passed = False
+    try:
+        wait_for_ranks(out, 4, job)
+        run = job.wait(20)
+        assert run is not None, 'runner still running 20 s after rank 1 failed'
+        assert run.returncode == 7, run.stderr
+        assert sorted(p.name for p in out.glob('term*')) == ['term0', 'term2', 'term3'], run.stderr
+        failed_at = float((out / 'exit1').read_text())
+        assert all(float((out / f'term{r}').read_text()) - failed_at >= 1.0 for r in (0, 2, 3))
+        passed = True
+    finally:
+        job.kill()
+        if not passed:
+            runner.cluster.cleanup_jobs()
+
+
 @pytest.mark.parametrize('engine', ENGINES, indirect=True)
 def test_ctrl_c_leaves_nothing_on_any_host_within_half_a_second(runner: Runner, engine: Engine,
                                                                 tmp_path: Path) -> None:

@@ -10,10 +10,13 @@ tests' exported values: a prefix DeepSpeed's runner exports). Then, if OUTDIR/co
   {"exit": {"<rank>": code}, "exit_after": seconds, "sleep": seconds}
 a rank listed in "exit" sleeps "exit_after" seconds, writes OUTDIR/exit<RANK> (the time it exits)
 and exits with its code; the others sleep "sleep" seconds (a rank blocked in a collective), exit 0.
+With "term_delay": seconds, the others take SIGTERM as a cleanup that long (a checkpoint), then
+write OUTDIR/term<RANK> and exit 143.
 """
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -59,6 +62,15 @@ def main() -> int:
             f.write(repr(time.time()))
         print(f'probe rank {rank} exits with {code}', file=sys.stderr, flush=True)
         return int(code)
+    if 'term_delay' in control:
+
+        def clean_up(*_: object) -> None:
+            time.sleep(control['term_delay'])
+            with open(os.path.join(outdir, f'term{rank}'), 'w', encoding='utf-8') as f:
+                f.write(repr(time.time()))
+            os._exit(143)
+
+        signal.signal(signal.SIGTERM, clean_up)
     time.sleep(control.get('sleep', 0))
     return 0
 

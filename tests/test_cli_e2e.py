@@ -242,6 +242,16 @@ def test_a_script_that_rejects_the_local_rank_argument_gets_a_hint(tmp_path: Pat
     assert 'hint' not in proc.stderr
 
 
+def test_quiet_says_nothing_but_errors() -> None:
+    """`-q` is `--log_level error`, as in DeepSpeed: no notes (no hostfile, no GPUs), no job line,
+    no "finished OK"; a failure is still reported."""
+    proc = dslaunch('-q', '--num_gpus', '1', '--no_python', '/bin/true', env={'DLTS_HOSTFILE': '/nonexistent'})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, '', '')
+    proc = dslaunch('-q', '--num_gpus', '1', '--no_python', '/bin/false')
+    assert proc.returncode == 1 and proc.stdout == ''
+    assert 'dslaunch: rank 0 (pid ' in proc.stderr and 'failed: exit code 1' in proc.stderr
+
+
 def test_raw_output_and_console_ranks(tmp_path: Path) -> None:
     proc = dslaunch('--num_gpus', '3', '--raw_output', DUMP, env={'DUMP_DIR': str(tmp_path)})
     assert sorted(ln for ln in proc.stdout.splitlines() if 'hello' in ln) == [f'hello from rank {r}' for r in range(3)]

@@ -33,8 +33,9 @@ def run_deepspeed_cli(argv: Sequence[str], prog: str = PROG) -> int:
 
     args = runner.parse_args(list(argv), prog=prog)
     plan = runner.plan(args, os.environ, SystemProbes())
-    for note in plan.notes:
-        print(note, flush=True)
+    if plan.args.log_level not in ('error', 'critical'):  # -q: errors only, as DeepSpeed's logger
+        for note in plan.notes:
+            print(note, flush=True)
     if plan.mode == 'local':
         assert plan.argv is not None
         if args.dry_run:

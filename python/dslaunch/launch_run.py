@@ -228,7 +228,7 @@ def run_plans(
     hangs = watch.hangs if watch is not None else []
     if client is not None:
         client.report_done(returncode)
-    if plans:
+    if plans and not (quiet and returncode == 0 and not hangs):  # quiet: "finished OK" is not an error
         print_report(report, hangs=hangs, returncode=returncode)
     if report_json:
         from dslaunch.report import write_json

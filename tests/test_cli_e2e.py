@@ -242,6 +242,38 @@ def test_a_script_that_rejects_the_local_rank_argument_gets_a_hint(tmp_path: Pat
     assert 'hint' not in proc.stderr
 
 
+INTERLEAVE_SCRIPT = ('import os, sys\n'
+                     'for i in range(300):\n'
+                     "    os.write(1, b'out %d\\n' % i)\n"
+                     "    os.write(2, b'err %d\\n' % i)\n"
+                     "os.write(1, b'partial, no newline')\n"
+                     "sys.exit(3 if os.environ.get('FAIL') == os.environ['RANK'] else 0)\n")
+
+
+@pytest.mark.parametrize('fail', [False, True], ids=['ok', 'failed'])
+def test_rank_log_files_keep_the_order_the_rank_wrote_stdout_and_stderr(tmp_path: Path, fail: bool) -> None:
+    """As DeepSpeed's (stdout and stderr on one file): every rank's log file has its writes to
+    either stream in the order it made them, to the byte; the console shows them on stdout, and a
+    failure report quotes the rank's last output lines."""
+    script, logs = tmp_path / 'interleave.py', tmp_path / 'logs'
+    script.write_text(INTERLEAVE_SCRIPT)
+    proc = dslaunch('--num_gpus', '2', '--enable_each_rank_log', str(logs), str(script),
+                    env={'FAIL': '0'} if fail else {})  # fmt: skip
+    assert proc.returncode == (3 if fail else 0), proc.stderr
+    written = ''.join(f'out {i}\nerr {i}\n' for i in range(300)) + 'partial, no newline'
+    files = sorted(logs.glob('*_rank*.log'))
+    assert [f.name.rsplit('_', 1)[1] for f in files] == ['rank0.log', 'rank1.log']
+    assert files[0].read_text() == written
+    if not fail:  # (rank 1 may be stopped half-way by rank 0's failure)
+        assert files[1].read_text() == written
+    shown = [ln for ln in proc.stdout.splitlines() if ln.startswith('[0]: ')]
+    assert shown == [f'[0]: {line}' for line in written.split('\n')]
+    if fail:
+        report = proc.stderr.splitlines()
+        at = report.index('dslaunch: last output lines of rank 0:')
+        assert report[at + 1:at + 21] == written.split('\n')[-20:]  # the last 20, of both streams
+
+
 def test_quiet_says_nothing_but_errors() -> None:
     """`-q` is `--log_level error`, as in DeepSpeed: no notes (no hostfile, no GPUs), no job line,
     no "finished OK"; a failure is still reported."""

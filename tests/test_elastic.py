@@ -379,6 +379,11 @@ def test_record_writes_the_failed_ranks_error_file_and_it_is_named(job: Job, tmp
     path = Path(named[0].split(': ')[-1])
     assert (path.parent.name, path.parents[1].name) == ('1', 'attempt_0') and logs in path.parents
     assert json.loads(path.read_text())['message']['message'] == 'RuntimeError: rank 1 gives up'
+    # With rank log files a rank's stderr shares its stdout pipe (the files keep its write order):
+    # the report quotes its last output lines, and its file has the traceback.
+    assert 'dslaunch: last output lines of rank 1:' in node.output, node.output
+    (log1,) = logs.glob('*_rank1.log')
+    assert 'RuntimeError: rank 1 gives up' in log1.read_text()
 
 
 def test_restarts_run_out_exit_with_the_ranks_status(job: Job, tmp_path: Path) -> None:

@@ -154,6 +154,9 @@ class Supervisor:
         status_line: Keep a live status line (ranks running/exited/failed, elapsed time) below
             the ranks' output when stderr or stdout is a terminal; never on a pipe or file.
         keep_last_line: Keep each rank's last output line (`RankResult.last_line`).
+        merge_stderr: Each rank's stderr goes into its stdout pipe: one stream, in the order the
+            rank wrote to either (so its log file keeps that order, as DeepSpeed's per-rank
+            logs); on the console it is stdout, and `stderr_tail` keeps that stream's last lines.
 
     Durations (`grace_period`, timeouts) may be `inf`: anything beyond 2**32 s means never.
     A job is over only when every line its ranks wrote has reached the console: if nobody reads
@@ -185,6 +188,7 @@ class Supervisor:
         collapse_window: float = 0.25,
         status_line: bool = False,
         keep_last_line: bool = False,
+        merge_stderr: bool = False,
     ) -> Supervisor: ...
     def start(self) -> None:
         """Starts every rank; raises OSError if one cannot start, after killing those started."""

@@ -327,6 +327,7 @@ class _SupervisedAgentMixin:
         self.restarting = False
         self.log_names: set[str] = set()
         self.error_paths: dict[int, str] = {}  # this round's error file of each local rank
+        self.tail_of = 'stderr'  # what the reports' rank tails are of ('output' with rank log files)
 
     # -- signals ---------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -387,6 +388,9 @@ class _SupervisedAgentMixin:
         shown = None
         if node.console_ranks is not None:
             shown = [i for i, w in enumerate(worker_group.workers) if w.global_rank in node.console_ranks]
+        # Per-rank log files keep the order a rank wrote stdout and stderr in: one pipe for both.
+        merged = any(s.log_file for s in specs)
+        self.tail_of = 'output' if merged else 'stderr'
         node.info(
             f'start #{self.starts}: node {worker_group.group_rank} of {worker_group.group_world_size}, '
             f'ranks {rank_ranges(w.global_rank for w in worker_group.workers)} of '
@@ -405,6 +409,7 @@ class _SupervisedAgentMixin:
             collapse_window=node.collapse_window,
             status_line=node.status_line != 'off',
             keep_last_line=node.hang_timeout > 0,
+            merge_stderr=merged,
         )
         if node.hang_timeout > 0:
             from dslaunch.hang import HangWatch
@@ -484,7 +489,7 @@ class _SupervisedAgentMixin:
         report = self._end_round(signal.SIGTERM)
         hangs = self.watch.hangs if self.watch is not None and self.watch.stopped_job else []
         if report is not None and (report.first_failure is not None or hangs):
-            print_report(report, hangs=hangs)
+            print_report(report, hangs=hangs, tail_of=self.tail_of)
             spec = worker_group.spec
             if self.restarting:
                 used = spec.max_restarts - self._remaining_restarts
@@ -498,7 +503,7 @@ class _SupervisedAgentMixin:
 
         report = self._end_round(death_sig)
         if report is not None and not report.success:
-            print_report(report)
+            print_report(report, tail_of=self.tail_of)
 
     def _end_round(self, sig: int) -> Any:
         """Stops this round's ranks (``sig``, SIGKILL after the grace period); their report, or

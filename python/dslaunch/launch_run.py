@@ -166,6 +166,9 @@ def run_plans(
                        log_file=p.log_name, tag=str(p.rank))  # type: ignore[attr-defined]
         for p, o in zip(plans, overrides)
     ]
+    # A rank's log file holds its stdout and stderr in the order it wrote them, as DeepSpeed's
+    # (one file for both): the two must then be one pipe, whose lines the console shows on stdout.
+    merged = any(p.log_name for p in plans)  # type: ignore[attr-defined]
     shown = None
     if console_ranks is not None:
         shown = [i for i, p in enumerate(plans) if p.rank in console_ranks]  # type: ignore[attr-defined]
@@ -179,6 +182,7 @@ def run_plans(
         collapse=collapse,  # type: ignore[arg-type]  # checked by the parser's choices
         collapse_window=collapse_window,
         status_line=status_line != 'off',
+        merge_stderr=merged,
         keep_last_line=hang_timeout > 0,
     )
     watch = None
@@ -229,7 +233,7 @@ def run_plans(
     if client is not None:
         client.report_done(returncode)
     if plans and not (quiet and returncode == 0 and not hangs):  # quiet: "finished OK" is not an error
-        print_report(report, hangs=hangs, returncode=returncode)
+        print_report(report, hangs=hangs, returncode=returncode, tail_of='output' if merged else 'stderr')
     if report_json:
         from dslaunch.report import write_json
 

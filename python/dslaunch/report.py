@@ -53,9 +53,10 @@ def _label(tags: Sequence[str]) -> str:
 
 
 def render(report: Report, *, host: str | None = None, hangs: Sequence[Hang] = (),
-           returncode: int | None = None) -> list[str]:
+           returncode: int | None = None, tail_of: str = 'stderr') -> list[str]:
     """The report as lines (without newlines). `hangs`: what the hang watchdog found; `returncode`:
-    dslaunch's exit status when it differs from the report's (after stopping a hung job)."""
+    dslaunch's exit status when it differs from the report's (after stopping a hung job);
+    `tail_of`: what the ranks' kept tail is of, 'stderr' or 'output' (stderr merged into stdout)."""
     where = f' on {host}' if host else ''
     wall = report.wall_time or 0.0
     n = len(report.ranks)
@@ -91,7 +92,7 @@ def render(report: Report, *, host: str | None = None, hangs: Sequence[Hang] = (
         groups.setdefault(what, []).append(r.tag)
     lines.append('dslaunch: ' + '; '.join(f'{_label(tags)}: {what}' for what, tags in groups.items()))
     if cause is not None and cause.stderr_tail:
-        lines.append(f'dslaunch: last stderr lines of rank {cause.tag}:')
+        lines.append(f'dslaunch: last {tail_of} lines of rank {cause.tag}:')
         lines.extend(cause.stderr_tail)
         lines += _local_rank_hint(cause.stderr_tail)
     return lines + _leftovers_note(report) + _log_notes(report)
@@ -131,9 +132,9 @@ def _log_notes(report: Report) -> list[str]:
 
 
 def print_report(report: Report, stream: TextIO | None = None, *, host: str | None = None,
-                 hangs: Sequence[Hang] = (), returncode: int | None = None) -> None:
+                 hangs: Sequence[Hang] = (), returncode: int | None = None, tail_of: str = 'stderr') -> None:
     out = stream or sys.stderr
-    for line in render(report, host=host, hangs=hangs, returncode=returncode):
+    for line in render(report, host=host, hangs=hangs, returncode=returncode, tail_of=tail_of):
         print(line, file=out)
     out.flush()
 

@@ -374,7 +374,7 @@ impl PySupervisor {
         ranks, *, env=None, prefix=Some("[{tag}]: ".to_owned()), console_ranks=None, grace_period=30.0,
         forward_signals=None, fail_fast=true, stderr_tail=20, orphan_guard=true, kill_leftovers=true,
         run_id=None, max_line_bytes=65536, stdout_fd=1, stderr_fd=2, collapse="off", collapse_window=0.25,
-        status_line=false, keep_last_line=false
+        status_line=false, keep_last_line=false, merge_stderr=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -396,6 +396,7 @@ impl PySupervisor {
         collapse_window: f64,
         status_line: bool,
         keep_last_line: bool,
+        merge_stderr: bool,
     ) -> PyResult<Self> {
         let collapse = match collapse {
             "off" => CollapseMode::Off,
@@ -467,6 +468,7 @@ impl PySupervisor {
             collapse_window: Duration::from_secs_f64(collapse_window),
             status_line,
             keep_last_line,
+            merge_stderr,
         };
         let (wake_r, wake_w) =
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)

@@ -26,6 +26,9 @@ pub struct SpawnRequest<'a> {
     pub env_overrides: &'a [(OsString, OsString)],
     /// The working directory, or `None` for ours.
     pub cwd: Option<&'a Path>,
+    /// The rank's stderr is its stdout pipe too: one stream, in the order the rank wrote to
+    /// either (DeepSpeed's per-rank log files). The stderr pipe is then at its end at once.
+    pub merge_stderr: bool,
 }
 
 /// A started rank: its pid (also its process group id), a pidfd, and the read ends of its
@@ -37,7 +40,7 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
     /// Read end of the rank's stdout.
     pub stdout: OwnedFd,
-    /// Read end of the rank's stderr.
+    /// Read end of the rank's stderr (with `merge_stderr`: a pipe nobody writes to).
     pub stderr: OwnedFd,
 }
 
@@ -151,14 +154,27 @@ fn spawn_with_std(program: &Path, req: &SpawnRequest<'_>) -> CoreResult<(i32, Ow
     if let Some(cwd) = req.cwd {
         cmd.current_dir(cwd);
     }
-    cmd.process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| CoreError::spawn(e, program))?;
+    cmd.process_group(0).stdin(Stdio::null());
+    let io_err = |e: io::Error| CoreError::spawn(e, program);
+    let merged = if req.merge_stderr {
+        let ((out_r, out_w), (err_r, _)) = rank_pipe().and_then(|o| rank_pipe().map(|e| (o, e))).map_err(io_err)?;
+        let out_w2 = out_w.try_clone().map_err(io_err)?;
+        cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(out_w2));
+        Some((out_r, err_r))
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        None
+    };
+    let mut child = cmd.spawn().map_err(io_err)?;
+    drop(cmd); // our copies of the merged pipe's write end: EOF when the rank's side closes
     let pid = child.id() as i32;
-    let stdout: OwnedFd = child.stdout.take().expect("piped stdout").into();
-    let stderr: OwnedFd = child.stderr.take().expect("piped stderr").into();
+    let (stdout, stderr): (OwnedFd, OwnedFd) = match merged {
+        Some(pair) => pair,
+        None => (
+            child.stdout.take().expect("piped stdout").into(),
+            child.stderr.take().expect("piped stderr").into(),
+        ),
+    };
     // `child` is dropped without waiting: std neither kills nor reaps on drop; the pidfd reaps.
     Ok((pid, stdout, stderr))
 }
@@ -575,7 +591,8 @@ fn posix_spawn_rank(
         libc::posix_spawn_file_actions_init(&mut fa);
         libc::posix_spawnattr_init(&mut attr);
         let mut rc = libc::posix_spawn_file_actions_addopen(&mut fa, 0, c"/dev/null".as_ptr(), libc::O_RDONLY, 0);
-        for (fd, target) in [(out_w.as_raw_fd(), 1), (err_w.as_raw_fd(), 2)] {
+        let err_target = if req.merge_stderr { &out_w } else { &err_w };
+        for (fd, target) in [(out_w.as_raw_fd(), 1), (err_target.as_raw_fd(), 2)] {
             if rc == 0 {
                 rc = libc::posix_spawn_file_actions_adddup2(&mut fa, fd, target);
             }
@@ -661,6 +678,42 @@ mod tests {
             .collect()
     }
 
+    /// Everything read from `fd` until its end (a blocking pipe read end).
+    fn read_all(fd: OwnedFd) -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        std::fs::File::from(fd).read_to_string(&mut text).expect("read");
+        text
+    }
+
+    #[test]
+    fn merged_stderr_is_one_stream_in_write_order_on_both_spawn_paths() {
+        let argv = [
+            OsString::from("/bin/sh"),
+            OsString::from("-c"),
+            OsString::from("echo a; echo b >&2; echo c; echo d >&2"),
+        ];
+        let req = SpawnRequest {
+            argv: &argv,
+            env: None,
+            env_overrides: &[],
+            cwd: None,
+            merge_stderr: true,
+        };
+        let posix =
+            posix_spawn_rank(Path::new("/bin/sh"), &req, &mut BaseEnvCache::default()).expect("posix_spawn path");
+        for (pid, out, err) in [
+            posix.expect("spawned"),
+            spawn_with_std(Path::new("/bin/sh"), &req).expect("spawned"),
+        ] {
+            assert_eq!(read_all(out), "a\nb\nc\nd\n");
+            assert_eq!(read_all(err), "", "nothing writes the stderr pipe");
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a valid out-pointer.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        }
+    }
+
     fn strings(block: &EnvBlock<'_>) -> Vec<String> {
         let (last, ptrs) = block.ptrs.split_last().unwrap();
         assert!(last.is_null(), "the block ends with a NULL pointer");
@@ -702,6 +755,7 @@ mod tests {
                 env: None,
                 env_overrides: &[],
                 cwd: None,
+                merge_stderr: false,
             };
             let reqs: Vec<SpawnRequest<'_>> = (0..3 * HANDOFF).map(|_| SpawnRequest { ..req }).collect();
             let mut started = Vec::new();

@@ -36,7 +36,8 @@ pub struct RankConfig {
     pub env: Vec<(OsString, OsString)>,
     /// Working directory (default: the launcher's).
     pub cwd: Option<PathBuf>,
-    /// A file that receives the rank's stdout and stderr, merged in the order they were read.
+    /// A file that receives the rank's stdout and stderr, merged in the order they were read (the
+    /// order the rank wrote them with `Config::merge_stderr`, one pipe for both).
     pub log_file: Option<PathBuf>,
     /// The label in the console prefix (usually the global rank).
     pub tag: String,
@@ -82,6 +83,9 @@ pub struct Config {
     pub status_line: bool,
     /// Keep each rank's last output line (`RankInfo::last_line`), for hang reports.
     pub keep_last_line: bool,
+    /// Each rank's stderr goes into its stdout pipe: one stream in write order (see
+    /// `SpawnRequest::merge_stderr`), shown on our stdout, its tail kept for the report.
+    pub merge_stderr: bool,
 }
 
 /// Which console streams collapse identical lines of several ranks (see `logmux::Collapser`).
@@ -116,6 +120,7 @@ impl Default for Config {
             collapse_window: Duration::from_millis(250),
             status_line: false,
             keep_last_line: false,
+            merge_stderr: false,
         }
     }
 }
@@ -313,6 +318,7 @@ impl Supervisor {
                 env: cfg.base_env.as_deref(),
                 env_overrides: o,
                 cwd: r.cwd.as_deref(),
+                merge_stderr: cfg.merge_stderr,
             })
             .collect();
         let mut spawned = Vec::with_capacity(n);
@@ -621,6 +627,8 @@ struct Loop {
     is_ready: Vec<bool>,
     console: Console,
     keep_last_line: bool,
+    /// `Config::merge_stderr`: stdout streams keep the report's tail.
+    merged: bool,
     out_watched: bool,
     err_watched: bool,
     alive: usize,
@@ -711,6 +719,7 @@ impl Loop {
             ready: VecDeque::new(),
             console: Console::new(cfg, out, err),
             keep_last_line: cfg.keep_last_line,
+            merged: cfg.merge_stderr,
             out_watched: false,
             err_watched: false,
             teardown: None,
@@ -927,6 +936,7 @@ impl Loop {
             buf,
             tail_lines,
             keep_last_line,
+            merged,
             ..
         } = self;
         let rank = &mut ranks[r];
@@ -951,7 +961,7 @@ impl Loop {
                 console.message(true, msg.as_bytes());
             }
         }
-        let route = Route::new(r, s.is_stderr, rank.console, *tail_lines, *keep_last_line, now);
+        let route = Route::new(r, s.is_stderr, *merged, rank.console, *tail_lines, *keep_last_line, now);
         s.splitter.feed(data, route_segment(&mut rank.info, console, route));
     }
 
@@ -963,6 +973,7 @@ impl Loop {
             console,
             tail_lines,
             keep_last_line,
+            merged,
             closer,
             ..
         } = self;
@@ -976,6 +987,7 @@ impl Loop {
         let route = Route::new(
             r,
             s.is_stderr,
+            *merged,
             rank.console,
             *tail_lines,
             *keep_last_line,
@@ -1444,9 +1456,18 @@ struct Route {
 }
 
 impl Route {
-    /// The route of one stream: only stderr keeps a tail (of `tail_lines` lines).
-    fn new(rank: usize, stderr: bool, console: bool, tail_lines: usize, keep_last: bool, now: Instant) -> Self {
-        let keep_tail = if stderr { tail_lines } else { 0 };
+    /// The route of one stream: only stderr keeps a tail (of `tail_lines` lines), or stdout when
+    /// it carries stderr too (`merged`).
+    fn new(
+        rank: usize,
+        stderr: bool,
+        merged: bool,
+        console: bool,
+        tail_lines: usize,
+        keep_last: bool,
+        now: Instant,
+    ) -> Self {
+        let keep_tail = if stderr || merged { tail_lines } else { 0 };
         Route {
             rank,
             stderr,

@@ -68,6 +68,7 @@ fn spawn_tagged(argv: Vec<OsString>, run_id: &str) -> spawn::Spawned {
         env: None,
         env_overrides: &overrides,
         cwd: None,
+        merge_stderr: false,
     })
     .expect("spawn")
 }
@@ -155,6 +156,7 @@ fn missing_program_is_enoent_naming_it() {
         env: None,
         env_overrides: &[],
         cwd: None,
+        merge_stderr: false,
     })
     .err()
     .expect("error");
@@ -337,6 +339,7 @@ fn spawn_batch_starts_every_rank_with_its_own_pipes_and_leaks_nothing() {
             env: None,
             env_overrides: &overrides,
             cwd: None,
+            merge_stderr: false,
         })
         .collect();
     let mut started = Vec::new();
@@ -368,6 +371,7 @@ fn spawn_batch_stops_at_the_first_failure_and_hands_over_what_started() {
         env: None,
         env_overrides: &overrides,
         cwd: None,
+        merge_stderr: false,
     };
     let reqs = vec![req(&good), req(&good), req(&good), req(&bad), req(&good)];
     let mut started = Vec::new();

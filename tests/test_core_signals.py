@@ -182,9 +182,9 @@ def test_stop_is_the_signal_while_the_job_runs_and_sigkill_kills(tmp_path: Path)
     report = sup.wait(timeout=10)
     assert report is not None and report.interrupted_by == signal.SIGINT and report.returncode == 128 + signal.SIGINT
     assert _all_received(tmp_path, [signal.SIGUSR1, signal.SIGINT], n=2)
+    (tmp_path / 'x').mkdir()
     ignoring = _core.Supervisor([_core.RankSpec(a) for a in _signal_ranks(tmp_path / 'x', n=1, ignore='TERM')],
                                 grace_period=LONG_GRACE, forward_signals=[])  # fmt: skip
-    (tmp_path / 'x').mkdir()
     ignoring.start()
     _wait_ready(tmp_path / 'x', 1)
     ignoring.stop(signal.SIGTERM)

@@ -838,29 +838,18 @@ impl Loop {
             match cmd {
                 Command::Signal(sig) if signals::TERMINATING.contains(&sig) => {
                     if self.teardown.is_none() {
-                        if self.first_failure.is_none() {
-                            self.interrupted_by = Some(sig);
-                        }
-                        self.begin_teardown(sig, self.grace);
+                        self.interrupt(sig);
                     } else {
                         self.escalate();
                     }
                 }
-                Command::Signal(sig) => {
-                    for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
-                        signals::killpg(r.pid, sig);
-                    }
-                }
                 Command::Stop(sig) if signals::TERMINATING.contains(&sig) => {
                     if self.teardown.is_none() {
-                        if self.first_failure.is_none() {
-                            self.interrupted_by = Some(sig);
-                        }
-                        self.begin_teardown(sig, self.grace);
+                        self.interrupt(sig);
                     }
                 }
                 Command::Stop(libc::SIGKILL) => self.begin_teardown(libc::SIGKILL, Duration::ZERO),
-                Command::Stop(sig) => {
+                Command::Signal(sig) | Command::Stop(sig) => {
                     for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
                         signals::killpg(r.pid, sig);
                     }
@@ -1127,6 +1116,15 @@ impl Loop {
             self.signal_groups_in_turns(sig);
         }
         self.job_dirty = true;
+    }
+
+    /// The job ends because of signal `sig` (received, or asked for from outside): the cause
+    /// unless a rank failed first.
+    fn interrupt(&mut self, sig: i32) {
+        if self.first_failure.is_none() {
+            self.interrupted_by = Some(sig);
+        }
+        self.begin_teardown(sig, self.grace);
     }
 
     fn escalate(&mut self) {

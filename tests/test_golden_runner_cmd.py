@@ -238,7 +238,8 @@ def expect_openmpi(w: World, cmd: list[str]) -> list[str]:
             f'{h} slots={n}\n' for h, n in counts.items() if n
         )
         head[3] = cmd[4]
-    return head + pairs('-x', [*w.raw.items(), *master(w.args)], True) + helper('openmpi', w.args)
+    noprefix = ['--noprefix'] if os.path.isabs(cmd[0]) else []  # deviation: no implied --prefix
+    return head + pairs('-x', [*w.raw.items(), *master(w.args)], True) + noprefix + helper('openmpi', w.args)
 
 
 def expect_mpich(w: World) -> list[str]:

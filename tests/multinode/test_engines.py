@@ -453,6 +453,24 @@ def check_a_failure_stops_every_host(runner: Runner, engine: Engine, tmp_path: P
             runner.cluster.cleanup_jobs()
 
 
+@pytest.mark.parametrize('engine', ['openmpi'], indirect=True)
+def test_open_mpi_leaves_the_ranks_path_and_library_path_alone(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """Open MPI takes an mpirun started by its absolute path (dslaunch starts /usr/bin/mpirun.openmpi)
+    as `--prefix /usr`, which would put /usr/bin and /usr/lib first on every rank's PATH and LD_LIBRARY_PATH,
+    ahead of the user's venv (found by running DeepSpeed's plain `mpirun` side by side): not so."""
+    out = tmp_path / 'out'
+    path = f'/opt/my-venv/bin{os.pathsep}{os.environ["PATH"]}'
+    run = runner.run(*engine.flags(), '-H', str(runner.cluster.hostfile), *probe(out), engine=engine,
+                     env={'PATH': path, 'LD_LIBRARY_PATH': '/opt/mylib'})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    records = runner.rank_records(out)
+    assert len(records) == 4
+    for rec in records.values():
+        assert '/usr/lib' not in rec['env'].get('LD_LIBRARY_PATH', '').split(os.pathsep), rec
+        if rec['host'] == 'h1':  # beside mpirun: its environment as the runner had it
+            assert (rec['env']['PATH'], rec['env']['LD_LIBRARY_PATH']) == (path, '/opt/mylib'), rec
+
+
 @pytest.mark.parametrize('engine', ['pdsh'], indirect=True)
 def test_after_a_failure_every_other_rank_gets_its_grace_period(runner: Runner, engine: Engine, tmp_path: Path) -> None:
     """Rank 1 (on h1) exits 7; the other ranks catch SIGTERM and need 1 s to clean up. Every one of

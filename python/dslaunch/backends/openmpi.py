@@ -86,4 +86,10 @@ class OpenMPIRunner(MultiNodeRunner):
         cmd += launcher_args
         for key, value in [*self.exports.items(), *self.rank_exports()]:
             cmd += ['-x', f'{key}={value}']
+        if os.path.isabs(cmd[0]):
+            # Open MPI takes an mpirun started by its absolute path as `--prefix <its dir's parent>`
+            # and puts `/usr/bin` and `/usr/lib` first on every rank's PATH and LD_LIBRARY_PATH,
+            # ahead of the user's venv (DeepSpeed's plain `mpirun` does not). A --prefix in
+            # --launcher_args still wins over this.
+            cmd.append('--noprefix')
         return cmd + self.helper_cmd()

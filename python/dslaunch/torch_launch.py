@@ -22,22 +22,25 @@ if TYPE_CHECKING:
     from dslaunch.launch import RankPlan
 
 #: Options that only torch's launchers have (torch 2.15's torchrun, plus torch.distributed.launch's
-#: --use-env): seeing one before the script selects this front end, even one this front end then
-#: refuses (its own error, not DeepSpeed's usage). The spellings DeepSpeed's runner shares
-#: (--master_addr, --master_port, --node_rank, --no_python, --module, --max_restarts) keep
-#: DeepSpeed's meaning when alone.
-TORCH_ONLY_OPTIONS = (
+#: --use-env), with a value and without: seeing one before the script selects this front end, even
+#: one this front end then refuses (its own error, not DeepSpeed's usage). The spellings DeepSpeed's
+#: runner shares (_SHARED_VALUE_OPTIONS, --no_python, --module) keep DeepSpeed's meaning when alone.
+_TORCH_VALUE_OPTIONS = (
     '--nproc-per-node', '--nproc_per_node', '--nnodes', '--node-rank', '--master-addr', '--master-port',
-    '--use-env', '--use_env', '--no-python', '--standalone', '--max-restarts',
-    '--rdzv-backend', '--rdzv_backend', '--rdzv-endpoint', '--rdzv_endpoint', '--rdzv-id', '--rdzv_id',
-    '--rdzv-conf', '--rdzv_conf', '--monitor-interval', '--monitor_interval', '--start-method', '--start_method',
-    '--event-log-handler', '--event_log_handler', '--role', '--run-path', '--run_path',
-    '--local-ranks-filter', '--local_ranks_filter', '--log-dir', '--log_dir', '-r', '--redirects', '-t', '--tee',
-    '--log-line-prefix-template', '--log_line_prefix_template', '--duplicate-stdout-filters',
-    '--duplicate_stdout_filters', '--duplicate-stderr-filters', '--duplicate_stderr_filters', '--local-addr',
-    '--local_addr', '--logs-specs', '--logs_specs', '--numa-binding', '--numa_binding', '--signals-to-handle',
-    '--signals_to_handle', '--shutdown-timeout', '--shutdown_timeout', '--virtual-local-rank', '--virtual_local_rank',
+    '--max-restarts', '--rdzv-backend', '--rdzv_backend', '--rdzv-endpoint', '--rdzv_endpoint', '--rdzv-id',
+    '--rdzv_id', '--rdzv-conf', '--rdzv_conf', '--monitor-interval', '--monitor_interval', '--start-method',
+    '--start_method', '--event-log-handler', '--event_log_handler', '--role', '--log-dir', '--log_dir',
+    '--local-ranks-filter', '--local_ranks_filter', '-r', '--redirects', '-t', '--tee', '--log-line-prefix-template',
+    '--log_line_prefix_template', '--duplicate-stdout-filters', '--duplicate_stdout_filters',
+    '--duplicate-stderr-filters', '--duplicate_stderr_filters', '--local-addr', '--local_addr', '--logs-specs',
+    '--logs_specs', '--numa-binding', '--numa_binding', '--signals-to-handle', '--signals_to_handle',
+    '--shutdown-timeout', '--shutdown_timeout',
 )
+TORCH_ONLY_OPTIONS = _TORCH_VALUE_OPTIONS + (
+    '--use-env', '--use_env', '--no-python', '--standalone', '--run-path', '--run_path', '--virtual-local-rank',
+    '--virtual_local_rank',
+)
+_SHARED_VALUE_OPTIONS = ('--node_rank', '--master_addr', '--master_port', '--max_restarts')
 
 
 #: DeepSpeed-side options that settle the question the other way (`--max_restarts` is shared).
@@ -45,18 +48,7 @@ DEEPSPEED_ONLY_OPTIONS = ('--elastic_training', '--min_elastic_nodes', '--max_el
                           '--num_accelerators', '--hostfile', '--include', '--exclude', '--launcher')
 
 #: Options (of either CLI) whose value may follow as the next word: that word is not the script.
-_VALUE_OPTIONS = (
-    '--nproc-per-node', '--nproc_per_node', '--nnodes', '--node-rank', '--node_rank', '--master-addr',
-    '--master_addr', '--master-port', '--master_port', '--max-restarts', '--max_restarts', '--rdzv-backend',
-    '--rdzv_backend', '--rdzv-endpoint', '--rdzv_endpoint', '--rdzv-id', '--rdzv_id', '--rdzv-conf', '--rdzv_conf',
-    '--monitor-interval', '--monitor_interval', '--start-method', '--start_method', '--event-log-handler',
-    '--event_log_handler', '--role', '--log-dir', '--log_dir', '--local-ranks-filter', '--local_ranks_filter',
-    '-r', '--redirects', '-t', '--tee', '--log-line-prefix-template', '--log_line_prefix_template',
-    '--duplicate-stdout-filters', '--duplicate_stdout_filters', '--duplicate-stderr-filters',
-    '--duplicate_stderr_filters', '--local-addr', '--local_addr', '--logs-specs', '--logs_specs', '--numa-binding',
-    '--numa_binding', '--signals-to-handle', '--signals_to_handle', '--shutdown-timeout', '--shutdown_timeout',
-    '--grace_period',
-)
+_VALUE_OPTIONS = _TORCH_VALUE_OPTIONS + _SHARED_VALUE_OPTIONS + ('--grace_period',)
 
 
 def _options_before_script(argv: Sequence[str]) -> list[str]:

@@ -111,9 +111,9 @@ def test_traceback_of_the_failing_rank_is_in_the_report() -> None:
     assert 'ValueError: boom in rank 1' in tail
 
 
-def test_death_by_signal_is_128_plus_n() -> None:
+def test_death_by_signal_is_256_minus_n_as_deepspeed() -> None:
     proc = dslaunch('--num_gpus', '2', BEHAVE, env={'BEHAVE_0': 'sleep', 'BEHAVE_1': 'segv'})
-    assert proc.returncode == 128 + signal.SIGSEGV
+    assert proc.returncode == 256 - signal.SIGSEGV  # 245: DeepSpeed's sys.exit(-11)
     assert 'killed by SIGSEGV' in proc.stderr
 
 
@@ -129,7 +129,7 @@ def test_signal_to_dslaunch_leaves_no_process(tmp_path: Path, sig: int) -> None:
         time.sleep(0.05)
     p.send_signal(sig)
     _, err = p.communicate(timeout=30)
-    assert p.returncode == 128 + sig, err
+    assert p.returncode == -sig, err  # it dies of the signal, as DeepSpeed's runner (a shell: 128+N)
     # the conftest's survivor scan checks that no rank is left
 
 
@@ -347,6 +347,51 @@ def test_command_exit_runs_handlers_and_leaves_the_job_objects_to_the_exit(comma
     assert out.returncode == 3, out.stderr
     assert out.stdout == ('buffered;handler;' if command else 'freed;buffered;handler;')
 
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_command_exit_with_a_negative_status_dies_of_that_signal(sig: int) -> None:
+    """`exit_now(-N)` ends the command by signal N, after the exit handlers and the flush, even
+    with a Python handler for it installed and the signal blocked."""
+    code = ('import atexit, signal, sys\n'
+            'from dslaunch import command_exit\n'
+            f'signal.signal({int(sig)}, lambda *_: None)\n'
+            f'signal.pthread_sigmask(signal.SIG_BLOCK, {{{int(sig)}}})\n'
+            "atexit.register(lambda: sys.stdout.write('handler;'))\n"
+            "sys.stdout.write('buffered;')\n"
+            f'command_exit.exit_now(-{int(sig)})\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == -sig, out.stderr
+    assert out.stdout == 'buffered;handler;'
+
+
+def test_exit_status_helpers() -> None:
+    from dslaunch import command_exit
+
+    assert [command_exit.rank_status(rc) for rc in (3, -9, -11, -15, 0, None, 255)] == [3, 247, 245, 241, 1, 1, 255]
+    assert [command_exit.per_node_launcher(s) for s in (-2, -15, -1, -10, 0, 7)] == [1, 1, -1, -10, 0, 7]
+    assert [command_exit.shell(s) for s in (-2, -15, 0, 247)] == [130, 143, 0, 247]
+
+
+def test_ctrl_c_stops_a_shell_loop_of_jobs(tmp_path: Path) -> None:
+    """`for seed in 1 2 3; do dslaunch train.py; done`: Ctrl-C stops the loop, not only the job
+    that runs. bash goes on to the next command after a child that exited 130, and stops only
+    when the child died of the SIGINT, as DeepSpeed's runner does, and so dslaunch."""
+    env = dict(os.environ, MARK_DIR=str(tmp_path), BEHAVE_0='sleep', DSLAUNCH=DSLAUNCH, BEHAVE=BEHAVE)
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    loop = 'for seed in 1 2 3; do "$DSLAUNCH" --num_gpus 1 "$BEHAVE" --seed $seed; echo "after $seed"; done'
+    p = subprocess.Popen(['bash', '-c', loop], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (tmp_path / 'rank0.started').exists():
+        assert time.monotonic() < deadline, 'the first job did not start'
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    out, err = p.communicate(timeout=60)
+    assert 'after' not in out, (out, err)
+    assert p.returncode == -signal.SIGINT, (out, err)  # and bash itself ends by the SIGINT
+    assert err.count('dslaunch: job ') == 1, err
+
+
 # ---- bad input: one clear line on stderr, a non-zero exit, nothing started --------------------
 
 def hostfile(tmp_path: Path, text: str) -> str:
@@ -485,6 +530,6 @@ def test_report_json_on_signal(tmp_path: Path) -> None:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=30)
-    assert p.returncode == 143
+    assert p.returncode == -signal.SIGTERM
     doc = validate_report(out)
     assert doc['root_cause'] == {'kind': 'signal', 'signal': 15, 'signal_name': 'SIGTERM'}

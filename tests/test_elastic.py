@@ -293,7 +293,7 @@ def test_sigterm_stops_the_node_and_its_ranks(job: Job, tmp_path: Path) -> None:
     a.wait_for(r'\[1\]: sleeping')
     workers = [int(m.group(1)) for line in a.lines if (m := re.search(r'sleeping (\d+)', line))]
     a.proc.send_signal(signal.SIGTERM)
-    assert a.finish(30) == 128 + signal.SIGTERM, a.output
+    assert a.finish(30) == 1, a.output  # DeepSpeed's launch.py: 1 after SIGINT/SIGTERM
     assert len(workers) == 2 and not any(alive(p) for p in workers)
     assert 'stopped by SIGTERM' in a.output, a.output
 
@@ -408,7 +408,7 @@ def test_signal_while_waiting_for_the_rendezvous(job: Job) -> None:
     a.wait_for('joining rendezvous')
     wait_listening(job.port, 60)  # inside the rendezvous now (it hosts the store)
     a.proc.send_signal(signal.SIGINT)
-    assert a.finish(30) == 128 + signal.SIGINT, a.output
+    assert a.finish(30) == 1, a.output  # DeepSpeed's launch.py: 1 after SIGINT/SIGTERM
     assert 'stopped by SIGINT' in a.output
     assert not a.starts()
 
@@ -427,7 +427,7 @@ def test_second_signal_kills_ranks_that_ignore_the_first(job: Job, tmp_path: Pat
     time.sleep(1)
     assert a.proc.poll() is None and alive(pid)  # the rank ignores SIGTERM; 60 s of grace
     a.proc.send_signal(signal.SIGTERM)
-    assert a.finish(20) == 128 + signal.SIGTERM, a.output
+    assert a.finish(20) == 1, a.output  # DeepSpeed's launch.py: 1 after SIGINT/SIGTERM
     assert not alive(pid)
 
 
@@ -449,12 +449,12 @@ def test_stop_from_a_multinode_runner_stops_the_elastic_node(job: Job, tmp_path:
         pid = int(a.wait_for(r'sleeping (\d+)').group(1))
         assert server.connected() == 1
         server.stop(signal.SIGTERM)  # e.g. another host failed, or Ctrl-C on the runner
-        assert a.finish(30) == 128 + signal.SIGTERM, a.output
+        assert a.finish(30) == 1, a.output  # DeepSpeed's launch.py: 1 after SIGINT/SIGTERM
         assert not alive(pid)
         deadline = time.monotonic() + 5
         while not server.done and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server.done == {0: 128 + signal.SIGTERM}
+        assert server.done == {0: 128 + signal.SIGTERM}  # the job's status, as a shell shows it
     finally:
         server.close()
 

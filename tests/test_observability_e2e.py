@@ -148,7 +148,7 @@ def _start_sleeping_job(tmp_path: Path, n: int, save_pid: bool) -> tuple[subproc
 
 def _stop(job: subprocess.Popen[bytes]) -> None:
     job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=60) == 143
+    assert job.wait(timeout=60) == -signal.SIGTERM
 
 
 def test_stacks_of_a_running_job_by_id_pid_and_save_pid(tmp_path: Path) -> None:

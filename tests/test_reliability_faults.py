@@ -114,7 +114,7 @@ def read_report(path: Path) -> dict:  # type: ignore[type-arg]
 @pytest.mark.parametrize('fault', ['segv', 'oom-sigkill'])
 def test_rank_killed_by_a_signal(tmp_path: Path, no_process_left_behind: str, fault: str) -> None:
     """Rank 1 of 3 segfaults (a real NULL dereference) or is SIGKILLed from outside, as the
-    OOM killer does: exit status 128+N, the root cause is rank 1 killed by that signal, the
+    OOM killer does: exit status 256-N (DeepSpeed's), the root cause is rank 1 killed by that signal, the
     other ranks were stopped with SIGTERM, every line arrived, nothing is left."""
     sig = signal.SIGSEGV if fault == 'segv' else signal.SIGKILL
     report_path = tmp_path / 'report.json'
@@ -128,7 +128,7 @@ def test_rank_killed_by_a_signal(tmp_path: Path, no_process_left_behind: str, fa
     else:
         os.kill(pids[1], signal.SIGKILL)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 128 + sig, err
+    assert p.returncode == 256 - sig, err
     own = assert_every_line(out.decode(), err.decode(), 3)
     assert_nothing_left(no_process_left_behind)
     failed = [ln for ln in own if 'failed' in ln]
@@ -364,7 +364,7 @@ def test_launcher_signalled_during_the_spawn_of_1024_ranks(
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode in (-sig, 128 + sig), (p.returncode, err[-2000:])
+    assert p.returncode == -sig, (p.returncode, err[-2000:])  # before its handlers, or after the teardown
     assert b'Traceback' not in err
     assert at_signal < n, f'the spawn had finished ({at_signal} children) before the signal'
     entry = f'DSLAUNCH_TEST_TAG={no_process_left_behind}'
@@ -470,7 +470,7 @@ def test_two_jobs_side_by_side_do_not_touch_each_other(tmp_path: Path, no_proces
         else:
             os.killpg(job_a.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         out_a, err_a = job_a.communicate(timeout=60)
-        assert job_a.returncode == (3 if event == 'failure' else 128 + signal.SIGINT), err_a
+        assert job_a.returncode == (3 if event == 'failure' else -signal.SIGINT), err_a
         assert all_dead(pids_a.values())
         assert job_b.poll() is None and all(alive(p) for p in pids_b.values()), 'job B was hit'
         out_b, err_b = job_b.communicate(timeout=60)

@@ -73,6 +73,7 @@ def run_multinode(plan: runner_mod.Plan) -> int:
 
     from dslaunch import _core, jobchannel
     from dslaunch import runner as runner_mod
+    from dslaunch.report import signal_name
 
     args = plan.args
     server = jobchannel.JobServer(on_failure=lambda _msg: server.stop(signal.SIGTERM))
@@ -141,7 +142,9 @@ def run_multinode(plan: runner_mod.Plan) -> int:
         server.close()
         backend.cleanup()
     if stops:
-        return 128 + stops[0]
+        # DeepSpeed's runner: its pdsh handler exits 1 after SIGINT/SIGTERM; with no handler
+        # (SIGHUP, the MPI and Slurm backends) it dies of the signal.
+        return command_exit.per_node_launcher(-stops[0]) if plan.backend == 'pdsh' else -stops[0]
     failure = server.first_failure
     if failure is not None and failure.get('kind') == 'hang':
         where = f' on {failure["host"]}' if failure.get('host') else ''
@@ -150,9 +153,12 @@ def run_multinode(plan: runner_mod.Plan) -> int:
         return int(failure['exit_status'])
     if failure is not None and failure.get('exit_status'):
         where = f' on {failure["host"]}' if failure.get('host') else ''
-        print(f'{PROG}: error: rank {failure.get("rank")}{where} exited with status {failure["exit_status"]}; '
-              'every host was stopped', file=sys.stderr)  # fmt: skip
-        return int(failure['exit_status'])
+        rc = failure.get('returncode')
+        if rc is None:
+            rc = int(failure['exit_status'])
+        how = f'was killed by {signal_name(-rc)}' if rc < 0 else f'exited with status {rc}'
+        print(f'{PROG}: error: rank {failure.get("rank")}{where} {how}; every host was stopped', file=sys.stderr)
+        return command_exit.rank_status(rc)
     if report.returncode != 0:
         print(f'{PROG}: error: {program} exited with status {report.returncode}', file=sys.stderr)
     return report.returncode
@@ -178,10 +184,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         print(f'{PROG}: error: {e}', file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
-        code = 130
+        code = -2  # SIGINT: end by it, as Python does on an uncaught KeyboardInterrupt
     if argv is None:
         command_exit.exit_now(code)
     # Called in-process with explicit arguments: a normal exit, minus the final garbage
     # collection of every object the CLI made (about 10 ms, measured in docs/benchmarks.md).
     gc.freeze()
-    sys.exit(code)
+    sys.exit(command_exit.shell(code))

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import command_exit
 from .errors import DslaunchError, UsageError
 
 __all__ = [
@@ -535,8 +536,8 @@ def _agent_class() -> Any:
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """``python -m dslaunch.launch --enable_elastic_training ...``: this node's elastic agent.
 
-    Returns the exit status: 0 when the job finished, the failing rank's exit status when the
-    restarts ran out, 128+N when signal N stopped this node. Bad input, and a rendezvous that does
+    Returns the status (`command_exit`): 0 when the job finished, the failing rank's when the
+    restarts ran out (256-N for a death by signal N), -N when signal N stopped this node. Bad input, and a rendezvous that does
     not form within ``--rdzv_timeout`` or cannot be reached, raise ``DslaunchError`` (one line).
     """
     from dslaunch import launch
@@ -696,7 +697,7 @@ def _run_agent(
             _write_report_json(agent.last_report, getattr(args, 'report_json', None))
     except SignalException as e:
         close_rdzv = False  # a signalled node must not close the rendezvous on the others
-        code = 128 + int(e.sigval)
+        code = -int(e.sigval)
         node.info(f'stopped by {signal.Signals(e.sigval).name}')
     finally:
         if close_rdzv and handler is not None:
@@ -705,7 +706,7 @@ def _run_agent(
         for stop, old in saved.items():
             signal.signal(stop, old)
         if client is not None:
-            client.report_done(code)
+            client.report_done(command_exit.shell(code))
     return code
 
 
@@ -750,4 +751,4 @@ def _outcome(agent: Any, cfg: ElasticConfig, client: Any) -> int:
     if client is not None and report is not None and report.first_failure is not None:
         f = report.first_failure
         client.report_failure(int(f.tag), f.returncode, f.exit_status, f.stderr_tail)
-    return int(report.returncode) if report is not None and report.returncode else 1
+    return (command_exit.job_status(report) or 1) if report is not None else 1

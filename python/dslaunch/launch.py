@@ -221,12 +221,14 @@ def ensure_rank_log_dir(log_dir: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m dslaunch.launch ...`: DeepSpeed's per-node launcher, run by the Rust core.
-    A user mistake is one line on stderr and exit status 1."""
+    A user mistake is one line on stderr and exit status 1. Returns the exit status; -N: end by
+    signal N (`command_exit`)."""
+    from dslaunch import command_exit
     from dslaunch.errors import DslaunchError
     from dslaunch.launch_run import run_node
 
     try:
-        return run_node(parse_args(argv, prog='dslaunch.launch'))
+        return command_exit.per_node_launcher(run_node(parse_args(argv, prog='dslaunch.launch')))
     except DslaunchError as e:
         print(f'dslaunch.launch: error: {e}', file=sys.stderr)
         return e.exit_code

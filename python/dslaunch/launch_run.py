@@ -132,7 +132,8 @@ def run_plans(
     status_line: str = 'auto',
     quiet: bool = False,
 ) -> int:
-    """Starts the planned ranks, waits for them, prints the report; returns the exit status.
+    """Starts the planned ranks, waits for them, prints the report; returns the job's status
+    (`command_exit.job_status`: -N when signal N stopped it).
 
     Observability (docs/observability.md): `hang_timeout` > 0 starts the hang watchdog
     (`hang.py`); `collapse` ('auto': on a terminal) prints identical lines of several ranks once;
@@ -224,11 +225,12 @@ def run_plans(
             sup.console_message(f'dslaunch: job {sup.run_id}: {len(plans)} rank(s), launcher pid {os.getpid()} '
                                 f'(their Python stacks: dslaunch stacks {sup.run_id})')
         report = _supervise(sup, client, watch, stops)
-    returncode = report.returncode
+    status = command_exit.job_status(report)
     if watch is not None and watch.stopped_job:
         from dslaunch.hang import HANG_EXIT_STATUS
 
-        returncode = HANG_EXIT_STATUS
+        status = HANG_EXIT_STATUS
+    returncode = command_exit.shell(status)  # for the report: what a shell shows
     hangs = watch.hangs if watch is not None else []
     if client is not None:
         client.report_done(returncode)
@@ -242,7 +244,7 @@ def run_plans(
         except OSError as e:
             print(f'dslaunch: cannot write --report_json {report_json}: {e.strerror}', file=sys.stderr)
     command_exit.leave_to_exit(plans, specs, overrides, sup, report, environ)
-    return returncode
+    return status
 
 
 def _supervise(sup: _core.Supervisor, client: jobchannel.JobClient | None, watch: HangWatch | None,

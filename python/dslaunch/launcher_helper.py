@@ -5,7 +5,7 @@
 dslaunch also reads OpenMPI, MVAPICH, Slurm and Intel MPI (Hydra) names and adds
 ``WORLD_SIZE``/``LOCAL_SIZE`` when the launcher says them. Where DeepSpeed's names are
 present the result is DeepSpeed's. Unlike DeepSpeed (always exit 0) the helper exits with
-the script's status, 128+N if it died from signal N.
+the script's status, 256-N if it died from signal N (as DeepSpeed's launch.py exits).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def bind_cores(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run the script for this rank; return its exit status (128+N after signal N)."""
+    """Run the script for this rank; return its exit status (256-N after signal N)."""
     args = parse_args(argv)
     try:
         if args.launcher.lower() not in HELPER_LAUNCHERS:
@@ -188,7 +188,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    code = 128 - returncode if returncode < 0 else returncode
+    code = returncode & 0xFF  # 256-N after signal N, as the launcher's (command_exit)
     if client is None:
         return code
     if stops:

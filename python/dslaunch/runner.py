@@ -191,10 +191,11 @@ def main(args: Sequence[str] | None = None) -> None:
     subclasses), a failed job exits with its status (``SystemExit``), a successful one returns None.
     """
     from .cli import run_deepspeed_cli  # not at import time: cli imports this module
+    from .command_exit import shell
 
     code = run_deepspeed_cli(sys.argv[1:] if args is None else list(args))
-    if code > 0:
-        sys.exit(code)
+    if code != 0:
+        sys.exit(shell(code))  # a job stopped by signal N: 128+N (the command itself dies of it)
 
 
 class Probes(Protocol):

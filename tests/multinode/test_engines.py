@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -453,6 +454,28 @@ def check_a_failure_stops_every_host(runner: Runner, engine: Engine, tmp_path: P
             runner.cluster.cleanup_jobs()
 
 
+@pytest.mark.parametrize('engine', ENGINES, indirect=True)
+def test_a_rank_killed_by_a_signal_ends_the_runner_with_deepspeeds_code(runner: Runner, engine: Engine,
+                                                                      tmp_path: Path) -> None:
+    """Rank 3 (on h2) is SIGKILLed (the OOM killer): every host is stopped, and the runner exits 247,
+    DeepSpeed's `sys.exit(-9)`, with one line that names the signal."""
+    out = tmp_path / 'out'
+    control(out, kill={'3': int(signal.SIGKILL)}, exit_after=0.5, sleep=30)
+    job = runner.start(*engine.flags(), '-H', str(runner.cluster.hostfile), *probe(out), engine=engine)
+    passed = False
+    try:
+        wait_for_ranks(out, 4, job)
+        run = job.wait(20)
+        assert run is not None, 'runner still running 20 s after rank 3 was killed'
+        assert run.returncode == 256 - signal.SIGKILL, run.stderr
+        assert run.error_lines()[-1] == 'dslaunch: error: rank 3 on h2 was killed by SIGKILL; every host was stopped'
+        passed = True
+    finally:
+        job.kill()
+        if not passed:
+            runner.cluster.cleanup_jobs()
+
+
 @pytest.mark.parametrize('engine', ['openmpi'], indirect=True)
 def test_open_mpi_leaves_the_ranks_path_and_library_path_alone(runner: Runner, engine: Engine, tmp_path: Path) -> None:
     """Open MPI takes an mpirun started by its absolute path (dslaunch starts /usr/bin/mpirun.openmpi)
@@ -500,7 +523,8 @@ def test_after_a_failure_every_other_rank_gets_its_grace_period(runner: Runner, 
 def test_ctrl_c_leaves_nothing_on_any_host_within_half_a_second(runner: Runner, engine: Engine,
                                                                 tmp_path: Path) -> None:
     """One Ctrl-C: within 0.5 s no rank and no backend process (launchers, ssh, orted, Hydra proxies,
-    srun) is left on any host; the runner itself exits 130 soon after."""
+    srun) is left on any host; the runner itself ends soon after as DeepSpeed's does: exit 1 from its
+    pdsh handler, killed by the SIGINT with the other backends (where it has no handler)."""
     out = tmp_path / 'out'
     control(out, sleep=30)
     job = runner.start(*engine.flags(), '-H', str(runner.cluster.hostfile), *probe(out), engine=engine)
@@ -523,7 +547,7 @@ def test_ctrl_c_leaves_nothing_on_any_host_within_half_a_second(runner: Runner, 
         assert not backend_left(), f'0.5 s after Ctrl-C still running: {backend_left()}'
         run = job.wait(2)
         assert run is not None, 'runner still running 2 s after Ctrl-C'
-        assert run.returncode == 130, run
+        assert run.returncode == (1 if engine.name == 'pdsh' else -signal.SIGINT), run
         passed = True
     finally:
         job.kill()

@@ -9,7 +9,8 @@ torch.distributed script needs and every variable whose name starts with MLFLOW_
 tests' exported values: a prefix DeepSpeed's runner exports). Then, if OUTDIR/control.json exists:
   {"exit": {"<rank>": code}, "exit_after": seconds, "sleep": seconds}
 a rank listed in "exit" sleeps "exit_after" seconds, writes OUTDIR/exit<RANK> (the time it exits)
-and exits with its code; the others sleep "sleep" seconds (a rank blocked in a collective), exit 0.
+and exits with its code (with "kill": {"<rank>": N} instead: kills itself with signal N); the
+others sleep "sleep" seconds (a rank blocked in a collective), exit 0.
 With "term_delay": seconds, the others take SIGTERM as a cleanup that long (a checkpoint), then
 write OUTDIR/term<RANK> and exit 143.
 """
@@ -56,10 +57,14 @@ def main() -> int:
     except FileNotFoundError:
         return 0
     code = control.get('exit', {}).get(rank)
-    if code is not None:
+    kill = control.get('kill', {}).get(rank)
+    if code is not None or kill is not None:
         time.sleep(control.get('exit_after', 0))
         with open(os.path.join(outdir, f'exit{rank}'), 'w', encoding='utf-8') as f:
             f.write(repr(time.time()))
+        if kill is not None:
+            print(f'probe rank {rank} kills itself with signal {kill}', file=sys.stderr, flush=True)
+            os.kill(os.getpid(), int(kill))
         print(f'probe rank {rank} exits with {code}', file=sys.stderr, flush=True)
         return int(code)
     if 'term_delay' in control:

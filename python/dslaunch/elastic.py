@@ -537,8 +537,9 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """``python -m dslaunch.launch --enable_elastic_training ...``: this node's elastic agent.
 
     Returns the status (`command_exit`): 0 when the job finished, the failing rank's when the
-    restarts ran out (256-N for a death by signal N), -N when signal N stopped this node. Bad input, and a rendezvous that does
-    not form within ``--rdzv_timeout`` or cannot be reached, raise ``DslaunchError`` (one line).
+    restarts ran out (256-N for a death by signal N), -N when signal N stopped this node. Bad
+    input, and a rendezvous that does not form within ``--rdzv_timeout`` or cannot be reached,
+    raise ``DslaunchError`` (one line).
     """
     from dslaunch import launch
     from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV

@@ -469,6 +469,8 @@ def test_a_rank_killed_by_a_signal_ends_the_runner_with_deepspeeds_code(runner: 
         assert run is not None, 'runner still running 20 s after rank 3 was killed'
         assert run.returncode == 256 - signal.SIGKILL, run.stderr
         assert run.error_lines()[-1] == 'dslaunch: error: rank 3 on h2 was killed by SIGKILL; every host was stopped'
+        # The hosts the runner stopped end quietly: pdsh names only the failing one.
+        assert 'h1: ssh exited' not in run.stderr, run.stderr
         passed = True
     finally:
         job.kill()
@@ -548,6 +550,7 @@ def test_ctrl_c_leaves_nothing_on_any_host_within_half_a_second(runner: Runner, 
         run = job.wait(2)
         assert run is not None, 'runner still running 2 s after Ctrl-C'
         assert run.returncode == (1 if engine.name == 'pdsh' else -signal.SIGINT), run
+        assert 'ssh exited with exit code' not in run.stderr, run.stderr  # pdsh: every host ended quietly
         passed = True
     finally:
         job.kill()

@@ -1,4 +1,5 @@
-"""The job channel at the rank: `launcher_helper` under a dslaunch runner (MPI and Slurm backends).
+"""The job channel at the rank: `launcher_helper` under a dslaunch runner (MPI and Slurm backends),
+and the per-node launcher (PDSH).
 
 Real processes: the helper runs a real script, mapping Slurm's variables (any engine's would do),
 and talks to a real `JobServer` in this process over TCP."""
@@ -117,3 +118,45 @@ def test_an_unreachable_runner_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1 and not out.exists()
     assert err.strip().splitlines() == [
         'launcher_helper: cannot reach the dslaunch runner at 127.0.0.1:1: Connection refused']
+
+
+# ---- the per-node launcher (PDSH) under a runner ------------------------------------------------
+
+
+def start_node(tmp_path: Path, server: JobServer) -> tuple[subprocess.Popen[str], Path]:
+    """`python -m dslaunch.launch` for one node of one rank, as pdsh starts it under a runner."""
+    script = tmp_path / 'rank.py'
+    script.write_text(SCRIPT)
+    out = tmp_path / 'rank0.json'
+    world_info = 'eyJsb2NhbGhvc3QiOiBbMF19'  # {"localhost": [0]}
+    env = {**os.environ, **server.env_for('localhost')}
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    proc = subprocess.Popen([sys.executable, '-u', '-m', 'dslaunch.launch', f'--world_info={world_info}',
+                             '--master_addr=127.0.0.1', '--master_port=29555', '--no_local_rank', str(script), str(out),
+                             'sleep'],
+                            env=env, text=True)  # fmt: skip
+    return proc, out
+
+
+def test_a_node_the_runner_stopped_exits_0(server: JobServer, tmp_path: Path) -> None:
+    """The runner sets the job's status; a non-zero exit here only makes pdsh print a line
+    `ssh exited with exit code 1` for a host that did nothing wrong."""
+    proc, out = start_node(tmp_path, server)
+    pid = wait_file(out, proc)['pid']
+    while server.connected() < 1:
+        time.sleep(0.01)
+    server.stop(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert not alive(pid)
+    assert server.done == {0: 128 + signal.SIGTERM}  # the job's own status, told to the runner
+
+
+def test_a_node_whose_runner_is_gone_exits_as_after_sigterm(server: JobServer, tmp_path: Path) -> None:
+    """No runner to set the status: 1, DeepSpeed's launch.py status after SIGTERM."""
+    proc, out = start_node(tmp_path, server)
+    pid = wait_file(out, proc)['pid']
+    while server.connected() < 1:
+        time.sleep(0.01)
+    server.close()  # as when the runner is SIGKILLed: the connection drops
+    assert proc.wait(10) == 1
+    assert not alive(pid)

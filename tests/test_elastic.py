@@ -449,7 +449,7 @@ def test_stop_from_a_multinode_runner_stops_the_elastic_node(job: Job, tmp_path:
         pid = int(a.wait_for(r'sleeping (\d+)').group(1))
         assert server.connected() == 1
         server.stop(signal.SIGTERM)  # e.g. another host failed, or Ctrl-C on the runner
-        assert a.finish(30) == 1, a.output  # DeepSpeed's launch.py: 1 after SIGINT/SIGTERM
+        assert a.finish(30) == 0, a.output  # the runner stopped it and sets the job's status
         assert not alive(pid)
         deadline = time.monotonic() + 5
         while not server.done and time.monotonic() < deadline:

@@ -708,6 +708,8 @@ def _run_agent(
             signal.signal(stop, old)
         if client is not None:
             client.report_done(command_exit.shell(code))
+    if client is not None and client.stopped_by_runner and code < 0:
+        return 0  # the runner stopped this node and sets the job's status (as launch_run)
     return code
 
 

@@ -200,6 +200,8 @@ class JobClient:
         self._node = node_rank
         self._on_stop = on_stop
         self._finished = False
+        #: The runner asked for a stop (another host failed, or Ctrl-C): the job's status is its.
+        self.stopped_by_runner = False
         _send(self._sock, {'t': 'hello', 'token': token, 'node': node_rank})
         self._thread = threading.Thread(target=self._listen, name='dslaunch-jobclient', daemon=True)
         self._thread.start()
@@ -269,4 +271,5 @@ class JobClient:
                 except ValueError:
                     continue
                 if msg.get('t') == 'stop':
+                    self.stopped_by_runner = True
                     self._on_stop(int(msg.get('sig', signal.SIGTERM)))

@@ -225,11 +225,7 @@ def run_plans(
             sup.console_message(f'dslaunch: job {sup.run_id}: {len(plans)} rank(s), launcher pid {os.getpid()} '
                                 f'(their Python stacks: dslaunch stacks {sup.run_id})')
         report = _supervise(sup, client, watch, stops)
-    status = command_exit.job_status(report)
-    if watch is not None and watch.stopped_job:
-        from dslaunch.hang import HANG_EXIT_STATUS
-
-        status = HANG_EXIT_STATUS
+    status = _job_status(report, watch)
     returncode = command_exit.shell(status)  # for the report: what a shell shows
     hangs = watch.hangs if watch is not None else []
     if client is not None:
@@ -244,11 +240,20 @@ def run_plans(
         except OSError as e:
             print(f'dslaunch: cannot write --report_json {report_json}: {e.strerror}', file=sys.stderr)
     command_exit.leave_to_exit(plans, specs, overrides, sup, report, environ)
-    if client is not None and stops and report.first_failure is None:
+    if client is not None and client.stopped_by_runner and report.first_failure is None:
         # Stopped by the runner, which knows why and sets the job's status: a non-zero status
         # here would only add "pdsh@h1: h2: ssh exited with exit code 1" for every other host.
         return 0
     return status
+
+
+def _job_status(report: _core.Report, watch: HangWatch | None) -> int:
+    """`command_exit.job_status`, or the hang watchdog's status when it stopped the job."""
+    if watch is not None and watch.stopped_job:
+        from dslaunch.hang import HANG_EXIT_STATUS
+
+        return HANG_EXIT_STATUS
+    return command_exit.job_status(report)
 
 
 def _supervise(sup: _core.Supervisor, client: jobchannel.JobClient | None, watch: HangWatch | None,

@@ -17,6 +17,7 @@ after a finished training run (examples/train.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ import shlex
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -426,6 +427,21 @@ def test_failure_on_the_second_host_stops_every_host_within_1s(runner: Runner, e
                                      world=4, rank=3, host='h2', within=1.0)
 
 
+@contextlib.contextmanager
+def running_job(runner: Runner, engine: Engine, *args: str) -> Iterator[Job]:
+    """The runner started with the engine's flags and `args`. At the end it is killed, and after a
+    failed check whatever of the job is left on the hosts too (so it cannot disturb later tests)."""
+    job = runner.start(*engine.flags(), *args, engine=engine)
+    passed = False
+    try:
+        yield job
+        passed = True
+    finally:
+        job.kill()
+        if not passed:
+            runner.cluster.cleanup_jobs()
+
+
 def check_a_failure_stops_every_host(runner: Runner, engine: Engine, tmp_path: Path, job_args: Sequence[str], *,
                                      world: int, rank: int, host: str, within: float) -> None:
     """`rank` (on `host`) exits 7 a second after all `world` ranks are up, while the others wait in
@@ -433,9 +449,7 @@ def check_a_failure_stops_every_host(runner: Runner, engine: Engine, tmp_path: P
     exits 7 naming the rank and its host."""
     out = tmp_path / 'out'
     control(out, exit={str(rank): 7}, exit_after=1.0, sleep=30)
-    job = runner.start(*engine.flags(), *job_args, *probe(out), engine=engine)
-    passed = False
-    try:
+    with running_job(runner, engine, *job_args, *probe(out)) as job:
         records = wait_for_ranks(out, world, job)
         gone = all_gone_at([r['pid'] for r in records.values()], timeout=within + 3)
         failed_at = float((out / f'exit{rank}').read_text())
@@ -447,11 +461,6 @@ def check_a_failure_stops_every_host(runner: Runner, engine: Engine, tmp_path: P
         # the root cause, whatever the engine itself said (srun -K: 143, Intel MPI: 255)
         assert run.error_lines()[-1] == (f'dslaunch: error: rank {rank} on {host} exited with status 7; '
                                          'every host was stopped')
-        passed = True
-    finally:
-        job.kill()
-        if not passed:
-            runner.cluster.cleanup_jobs()
 
 
 @pytest.mark.parametrize('engine', ENGINES, indirect=True)
@@ -461,9 +470,7 @@ def test_a_rank_killed_by_a_signal_ends_the_runner_with_deepspeeds_code(runner: 
     DeepSpeed's `sys.exit(-9)`, with one line that names the signal."""
     out = tmp_path / 'out'
     control(out, kill={'3': int(signal.SIGKILL)}, exit_after=0.5, sleep=30)
-    job = runner.start(*engine.flags(), '-H', str(runner.cluster.hostfile), *probe(out), engine=engine)
-    passed = False
-    try:
+    with running_job(runner, engine, '-H', str(runner.cluster.hostfile), *probe(out)) as job:
         wait_for_ranks(out, 4, job)
         run = job.wait(20)
         assert run is not None, 'runner still running 20 s after rank 3 was killed'
@@ -471,11 +478,6 @@ def test_a_rank_killed_by_a_signal_ends_the_runner_with_deepspeeds_code(runner: 
         assert run.error_lines()[-1] == 'dslaunch: error: rank 3 on h2 was killed by SIGKILL; every host was stopped'
         # The hosts the runner stopped end quietly: pdsh names only the failing one.
         assert 'h1: ssh exited' not in run.stderr, run.stderr
-        passed = True
-    finally:
-        job.kill()
-        if not passed:
-            runner.cluster.cleanup_jobs()
 
 
 @pytest.mark.parametrize('engine', ['openmpi'], indirect=True)
@@ -504,9 +506,7 @@ def test_after_a_failure_every_other_rank_gets_its_grace_period(runner: Runner, 
     DeepSpeed's runner side by side, which gives them its 30 s)."""
     out = tmp_path / 'out'
     control(out, exit={'1': 7}, exit_after=0.5, sleep=30, term_delay=1.0)
-    job = runner.start(*engine.flags(), '-H', str(runner.cluster.hostfile), *probe(out), engine=engine)
-    passed = False
-    try:
+    with running_job(runner, engine, '-H', str(runner.cluster.hostfile), *probe(out)) as job:
         wait_for_ranks(out, 4, job)
         run = job.wait(20)
         assert run is not None, 'runner still running 20 s after rank 1 failed'
@@ -514,11 +514,6 @@ def test_after_a_failure_every_other_rank_gets_its_grace_period(runner: Runner, 
         assert sorted(p.name for p in out.glob('term*')) == ['term0', 'term2', 'term3'], run.stderr
         failed_at = float((out / 'exit1').read_text())
         assert all(float((out / f'term{r}').read_text()) - failed_at >= 1.0 for r in (0, 2, 3))
-        passed = True
-    finally:
-        job.kill()
-        if not passed:
-            runner.cluster.cleanup_jobs()
 
 
 @pytest.mark.parametrize('engine', ENGINES, indirect=True)
@@ -529,9 +524,7 @@ def test_ctrl_c_leaves_nothing_on_any_host_within_half_a_second(runner: Runner, 
     pdsh handler, killed by the SIGINT with the other backends (where it has no handler)."""
     out = tmp_path / 'out'
     control(out, sleep=30)
-    job = runner.start(*engine.flags(), '-H', str(runner.cluster.hostfile), *probe(out), engine=engine)
-    passed = False
-    try:
+    with running_job(runner, engine, '-H', str(runner.cluster.hostfile), *probe(out)) as job:
         records = wait_for_ranks(out, 4, job)
         time.sleep(0.2)
         pressed = time.time()
@@ -551,11 +544,6 @@ def test_ctrl_c_leaves_nothing_on_any_host_within_half_a_second(runner: Runner, 
         assert run is not None, 'runner still running 2 s after Ctrl-C'
         assert run.returncode == (1 if engine.name == 'pdsh' else -signal.SIGINT), run
         assert 'ssh exited with exit code' not in run.stderr, run.stderr  # pdsh: every host ended quietly
-        passed = True
-    finally:
-        job.kill()
-        if not passed:
-            runner.cluster.cleanup_jobs()
 
 
 @pytest.mark.parametrize('engine', ENGINES, indirect=True)

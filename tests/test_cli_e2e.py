@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.procs import proc_stat
 
 ROOT = Path(__file__).resolve().parents[1]
 DSLAUNCH = str(Path(sys.executable).parent / 'dslaunch')
@@ -390,6 +391,47 @@ def test_ctrl_c_stops_a_shell_loop_of_jobs(tmp_path: Path) -> None:
     assert 'after' not in out, (out, err)
     assert p.returncode == -signal.SIGINT, (out, err)  # and bash itself ends by the SIGINT
     assert err.count('dslaunch: job ') == 1, err
+
+
+def test_ctrl_z_pauses_the_whole_job_and_fg_resumes_it(tmp_path: Path) -> None:
+    """Ctrl-Z (SIGTSTP to the terminal's foreground group, which holds dslaunch but not the ranks,
+    each in its own group) stops every rank, as it does DeepSpeed's ranks (they share its group);
+    `fg` (SIGCONT to the group) resumes them; the job then ends as usual."""
+    ticks = tmp_path / 'ticks'
+    ticks.mkdir()
+    script = tmp_path / 'tick.py'
+    script.write_text('import os, time\n'
+                      "path = os.path.join(os.environ['TICK_DIR'], os.environ['RANK'])\n"
+                      'for _ in range(60):\n'
+                      "    with open(path, 'a') as f:\n"
+                      "        f.write('x')\n"
+                      '    time.sleep(0.05)\n')  # fmt: skip
+    env = dict(os.environ, TICK_DIR=str(ticks))
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    p = subprocess.Popen([DSLAUNCH, '--num_gpus', '2', '--no_local_rank', str(script)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+
+    def count(rank: int) -> int:
+        path = ticks / str(rank)
+        return len(path.read_text()) if path.exists() else 0
+
+    deadline = time.monotonic() + 30
+    while count(0) < 3 or count(1) < 3:
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTSTP)
+    deadline = time.monotonic() + 10
+    while (proc_stat(p.pid) or {}).get('state') != 'T':
+        assert time.monotonic() < deadline, 'dslaunch did not stop'
+        time.sleep(0.02)
+    time.sleep(0.2)  # a tick in flight lands
+    paused = (count(0), count(1))
+    time.sleep(0.6)
+    assert (count(0), count(1)) == paused, 'the ranks went on while the job was stopped'
+    os.killpg(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert (count(0), count(1)) == (60, 60)
 
 
 # ---- bad input: one clear line on stderr, a non-zero exit, nothing started --------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from dslaunch import _core
-from helpers.procs import HELPERS, PY, Launcher, alive, all_dead, wait_until
+from helpers.procs import HELPERS, PY, Launcher, alive, all_dead, proc_stat, wait_until
 
 N = 3
 LONG_GRACE = 30.0
@@ -270,3 +270,54 @@ def test_forwarding_handlers_are_installed_for_the_job_and_restored_after() -> N
         report = sup.wait(timeout=10)
     assert report is not None and report.returncode == 0
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _state(pid: int) -> str:
+    st = proc_stat(pid)
+    return st['state'] if st else 'gone'
+
+
+def test_ctrl_z_stops_every_rank_and_the_launcher_and_sigcont_resumes_them(tmp_path: Path) -> None:
+    """Each rank is in its own process group, out of the terminal's reach: SIGTSTP to the launcher
+    is passed on to every rank group, then the launcher stops itself (the shell waits for that);
+    SIGCONT (`fg`, `bg`) resumes the launcher, which passes it on."""
+    spec = {'ranks': [{'argv': a} for a in _signal_ranks(tmp_path)], 'options': {'grace_period': LONG_GRACE}}
+    with Launcher(spec) as launcher:
+        started = launcher.event()
+        _wait_ready(tmp_path)
+        os.kill(launcher.pid, signal.SIGTSTP)
+        wait_until(lambda: [_state(p) for p in [launcher.pid, *started['pids']]] == ['T'] * (N + 1), 10,
+                   'the launcher and every rank to stop')  # fmt: skip
+        os.kill(launcher.pid, signal.SIGCONT)
+        wait_until(lambda: all(_state(p) in 'RS' for p in [launcher.pid, *started['pids']]), 10,
+                   'the launcher and every rank to run again')  # fmt: skip
+        os.kill(launcher.pid, signal.SIGTERM)
+        report = launcher.event(timeout=10)
+        assert launcher.wait() == 128 + signal.SIGTERM
+    assert [r['returncode'] for r in report['ranks']] == [128 + signal.SIGTERM] * N
+    assert _all_received(tmp_path, [signal.SIGTERM])  # TSTP and CONT are not recorded: default actions
+
+
+def test_a_teardown_wakes_ranks_left_stopped(tmp_path: Path) -> None:
+    """With SIGCONT not forwarded (a caller's choice), the ranks stay stopped after the launcher
+    is continued. A teardown then sends SIGCONT after its SIGTERM: a stopped process acts on
+    SIGTERM only once continued, and would otherwise wait out the grace period for SIGKILL."""
+    options = {'grace_period': LONG_GRACE, 'forward_signals': [signal.SIGTSTP, signal.SIGTERM]}
+    spec = {'ranks': [{'argv': a} for a in _signal_ranks(tmp_path)], 'options': options}
+    with Launcher(spec) as launcher:
+        started = launcher.event()
+        _wait_ready(tmp_path)
+        os.kill(launcher.pid, signal.SIGTSTP)
+        wait_until(lambda: [_state(p) for p in [launcher.pid, *started['pids']]] == ['T'] * (N + 1), 10,
+                   'the launcher and every rank to stop')  # fmt: skip
+        os.kill(launcher.pid, signal.SIGCONT)
+        wait_until(lambda: _state(launcher.pid) in 'RS', 10, 'the launcher to run again')
+        time.sleep(0.3)
+        assert [_state(p) for p in started['pids']] == ['T'] * N, 'SIGCONT was not to be forwarded'
+        t0 = time.monotonic()
+        os.kill(launcher.pid, signal.SIGTERM)
+        report = launcher.event(timeout=10)
+        assert time.monotonic() - t0 < 5, 'the stopped ranks waited for the grace period'
+        assert launcher.wait() == 128 + signal.SIGTERM
+    assert [r['returncode'] for r in report['ranks']] == [128 + signal.SIGTERM] * N  # their handler, not SIGKILL
+    assert _all_received(tmp_path, [signal.SIGTERM])

@@ -424,8 +424,17 @@ impl PySupervisor {
                 "stdout_fd and stderr_fd must be open file descriptors",
             ));
         }
-        let forward = forward_signals
-            .unwrap_or_else(|| vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2]);
+        let forward = forward_signals.unwrap_or_else(|| {
+            vec![
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGUSR1,
+                libc::SIGUSR2,
+                libc::SIGTSTP,
+                libc::SIGCONT,
+            ]
+        });
         if let Some(bad) = forward
             .iter()
             .find(|s| !signals::is_valid(**s) || **s == libc::SIGKILL || **s == libc::SIGSTOP)

@@ -130,6 +130,7 @@ impl Default for Config {
 pub enum Command {
     /// A signal the launcher received: forwarded to every rank's group. SIGINT, SIGTERM and
     /// SIGHUP also end the job (SIGKILL after the grace period; a second one kills at once).
+    /// SIGTSTP (Ctrl-Z) then stops the launcher's own process too, as the shell expects.
     Signal(i32),
     /// A stop asked for from outside, as by a multi-node runner: the same as `Signal(sig)` while
     /// the job runs, but a job already ending (a rank failed, an earlier stop) goes on ending,
@@ -652,6 +653,8 @@ struct Loop {
     /// Ranks the teardown's first signal has still to reach (see SIGNAL_TURN), and the signal.
     unsignalled: Vec<usize>,
     unsignalled_sig: i32,
+    /// The ranks were sent SIGTSTP (Ctrl-Z) and no SIGCONT since: a teardown must wake them.
+    ranks_paused: bool,
 }
 
 impl Loop {
@@ -741,6 +744,7 @@ impl Loop {
             closer: Closer::new(n >= closer::MIN_RANKS),
             unsignalled: Vec::new(),
             unsignalled_sig: 0,
+            ranks_paused: false,
         })
     }
 
@@ -849,7 +853,20 @@ impl Loop {
                     }
                 }
                 Command::Stop(libc::SIGKILL) => self.begin_teardown(libc::SIGKILL, Duration::ZERO),
+                Command::Signal(libc::SIGTSTP) => {
+                    // Ctrl-Z: each rank has its own process group, out of the terminal's reach, so
+                    // the job pauses only if the launcher passes the stop on and then stops itself
+                    // (the shell waits for that). SIGCONT (`fg`, `bg`) is forwarded like any signal.
+                    for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
+                        signals::killpg(r.pid, libc::SIGTSTP);
+                    }
+                    self.ranks_paused = true;
+                    signals::kill(self.my_pid, libc::SIGSTOP);
+                }
                 Command::Signal(sig) | Command::Stop(sig) => {
+                    if sig == libc::SIGCONT {
+                        self.ranks_paused = false;
+                    }
                     for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
                         signals::killpg(r.pid, sig);
                     }
@@ -1168,6 +1185,10 @@ impl Loop {
             // Only a rank not reaped yet: the pid of a reaped one may name someone else's group.
             if self.ranks[r].pidfd.is_some() {
                 signals::killpg(self.ranks[r].pid, self.unsignalled_sig);
+                if self.ranks_paused {
+                    // A stopped process acts on SIGTERM only once continued (as systemd does).
+                    signals::killpg(self.ranks[r].pid, libc::SIGCONT);
+                }
             }
         }
     }

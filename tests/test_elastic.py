@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from dslaunch.world_info import encode_world_info
-from helpers.procs import alive
+from helpers.procs import alive, proc_stat, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / 'examples' / 'train_elastic.py'
@@ -283,6 +283,23 @@ def test_dead_node_leaves_a_job_that_goes_on_with_min_nodes(job: Job) -> None:
     last = a.starts()[-1]
     assert last[:2] == (0, 1) and last[2] >= 5, a.output  # alone again, resumed from a checkpoint
     assert finals(a) == [(0, 1, 40)], a.output
+
+
+def test_ctrl_z_pauses_the_node_and_its_ranks(job: Job, tmp_path: Path) -> None:
+    """SIGTSTP reaches the workers (each in its own process group), then the agent stops itself;
+    SIGCONT resumes all of them; the job then finishes."""
+    sleeper = tmp_path / 'sleeper.py'
+    sleeper.write_text("import os, time\nprint(f'sleeping {os.getpid()}', flush=True)\ntime.sleep(3)\n")
+    a = job.launch(0, world={'node0': [0, 1]}, max_nodes=1, script=sleeper, script_args=[])
+    a.wait_for(r'\[0\]: sleeping')
+    a.wait_for(r'\[1\]: sleeping')
+    workers = [int(m.group(1)) for line in a.lines if (m := re.search(r'sleeping (\d+)', line))]
+    a.proc.send_signal(signal.SIGTSTP)
+    everyone = [a.proc.pid, *workers]
+    wait_until(lambda: [(proc_stat(p) or {}).get('state') for p in everyone] == ['T'] * 3, 10, 'all to stop')
+    a.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: all((proc_stat(p) or {}).get('state') in ('R', 'S') for p in everyone), 10, 'all to run again')
+    assert a.finish(30) == 0, a.output
 
 
 def test_sigterm_stops_the_node_and_its_ranks(job: Job, tmp_path: Path) -> None:

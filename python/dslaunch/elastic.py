@@ -223,6 +223,7 @@ def worker_env(
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+_JOB_CONTROL = (signal.SIGTSTP, signal.SIGCONT)  # Ctrl-Z and fg/bg: passed on to the ranks too
 _PER_ROUND = (
     'RANK',
     'LOCAL_RANK',
@@ -307,7 +308,8 @@ class _SupervisedAgentMixin:
     Each rendezvous round's ranks are one Supervisor job (fail-fast, whole-tree teardown, prefixed
     output, orphan guard). Signals: the first SIGINT/SIGTERM/SIGHUP ends the agent through torch's
     ``SignalException`` path (the ranks get that signal, SIGKILL after the grace period); a second
-    one kills the ranks at once; SIGUSR1/SIGUSR2 are forwarded to the ranks.
+    one kills the ranks at once; SIGUSR1/SIGUSR2 are forwarded to the ranks, and so are SIGTSTP
+    (Ctrl-Z: this process then stops too) and SIGCONT.
     """
 
     _remaining_restarts: int  # SimpleElasticAgent's
@@ -333,9 +335,11 @@ class _SupervisedAgentMixin:
     # -- signals ---------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: object) -> None:
         sup = self.sup if self.started else None
-        if signum in _FORWARDED_SIGNALS:
-            if sup is not None:
-                sup.send_signal(signum)
+        if signum in _FORWARDED_SIGNALS + _JOB_CONTROL:
+            if sup is not None and not sup.done:
+                sup.send_signal(signum)  # SIGTSTP: the core passes it on, then stops this process
+            elif signum == signal.SIGTSTP:
+                os.kill(os.getpid(), signal.SIGSTOP)  # no ranks running: stop, as by default
             return
         self.signals.append(signum)
         if len(self.signals) > 1:
@@ -673,6 +677,8 @@ def _run_agent(
     if threading.current_thread() is threading.main_thread():
         for signum in _STOP_SIGNALS + _FORWARDED_SIGNALS:
             saved[signum] = signal.signal(signum, _raise_stop if signum in _STOP_SIGNALS else signal.SIG_IGN)
+        for signum in _JOB_CONTROL:
+            saved[signum] = signal.getsignal(signum)  # the agent's handler from its start on
     client = handler = None
     code = 1
     close_rdzv = False

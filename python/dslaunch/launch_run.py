@@ -240,7 +240,8 @@ def run_plans(
         except OSError as e:
             print(f'dslaunch: cannot write --report_json {report_json}: {e.strerror}', file=sys.stderr)
     command_exit.leave_to_exit(plans, specs, overrides, sup, report, environ)
-    if client is not None and client.stopped_by_runner and report.first_failure is None:
+    failed_here = report.first_failure is not None or (watch is not None and watch.stopped_job)
+    if client is not None and client.stopped_by_runner and not failed_here:
         # Stopped by the runner, which knows why and sets the job's status: a non-zero status
         # here would only add "pdsh@h1: h2: ssh exited with exit code 1" for every other host.
         return 0

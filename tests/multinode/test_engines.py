@@ -609,3 +609,5 @@ def test_a_hang_stops_every_host_and_the_runner_names_it(runner: Runner, engine:
     assert re.fullmatch(r'dslaunch: error: the job hung on h[12]: no rank there wrote output for \d+ s '
                         r'\(its stacks are above\); every host was stopped', run.error_lines()[-1]), run.stderr
     assert run.seconds < 30, 'every host stopped at once, not after the ranks slept 60 s'
+    hung = re.search(r'hung on (h[12])', run.error_lines()[-1])
+    assert hung is not None and f'{hung.group(1)}: ssh exited with exit code 124' in run.stderr, run.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
 from dslaunch.jobchannel import JobServer
-from helpers.procs import alive
+from helpers.procs import alive, proc_stat, wait_until
 
 SCRIPT = """
 import json, os, sys, time
@@ -160,3 +160,25 @@ def test_a_node_whose_runner_is_gone_exits_as_after_sigterm(server: JobServer, t
     server.close()  # as when the runner is SIGKILLed: the connection drops
     assert proc.wait(10) == 1
     assert not alive(pid)
+
+
+def _state(pid: int) -> str:
+    return (proc_stat(pid) or {}).get('state', 'gone')
+
+
+@pytest.mark.parametrize('side', ['helper', 'node'])
+def test_the_runners_ctrl_z_pauses_the_ranks_and_fg_resumes_them(server: JobServer, tmp_path: Path, side: str) -> None:
+    """`JobServer.signal`: SIGTSTP stops the rank (the helper sends SIGSTOP: engines start ranks in
+    orphaned process groups, where a SIGTSTP is discarded) while the helper or launcher stays up to
+    hear the SIGCONT, which resumes it."""
+    proc, out = start_helper(tmp_path, server, 'sleep') if side == 'helper' else start_node(tmp_path, server)
+    pid = wait_file(out, proc)['pid']
+    while server.connected() < 1:
+        time.sleep(0.01)
+    server.signal(signal.SIGTSTP)
+    wait_until(lambda: _state(pid) == 'T', 10, 'the rank to stop')
+    assert _state(proc.pid) in ('R', 'S')
+    server.signal(signal.SIGCONT)
+    wait_until(lambda: _state(pid) in ('R', 'S'), 10, 'the rank to run again')
+    server.stop(signal.SIGTERM)
+    assert proc.wait(10) == 0 and not alive(pid)

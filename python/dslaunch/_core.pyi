@@ -207,7 +207,8 @@ class Supervisor:
         """Forwards a signal to every running rank's group (as if the launcher received it)."""
     def stop(self, signal: int) -> None:
         """A stop asked for from outside (a multi-node runner): as `send_signal`, but a job already
-        ending goes on ending with its grace period; only SIGKILL kills at once. Returns at once."""
+        ending goes on ending with its grace period; only SIGKILL kills at once; SIGTSTP pauses
+        the ranks without stopping this process. Returns at once."""
     def terminate(self, grace_period: float | None = None, signal: int = 15) -> None:
         """Begins stopping the job: `signal` now, SIGKILL after the grace period. Returns at once."""
     def kill(self) -> None:

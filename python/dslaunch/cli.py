@@ -17,7 +17,7 @@ from dslaunch.errors import DslaunchError
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
     from dslaunch import runner as runner_mod
 
@@ -73,7 +73,6 @@ def run_multinode(plan: runner_mod.Plan) -> int:
 
     from dslaunch import _core, jobchannel
     from dslaunch import runner as runner_mod
-    from dslaunch.report import signal_name
 
     args = plan.args
     server = jobchannel.JobServer(on_failure=lambda _msg: server.stop(signal.SIGTERM))
@@ -105,7 +104,16 @@ def run_multinode(plan: runner_mod.Plan) -> int:
             server.stop(signal.SIGKILL)
             sup.kill()
 
+    def on_job_control(sig: int, _frame: object) -> None:
+        # Ctrl-Z, fg, bg: every host's ranks pause or resume through the channel; then the runner
+        # stops itself on SIGTSTP, as the shell expects (the backend program, in its own process
+        # group, keeps the hosts' connections up).
+        server.signal(sig)
+        if sig == signal.SIGTSTP:
+            os.kill(os.getpid(), signal.SIGSTOP)  # as the core does for a local job
+
     saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    saved.update({sig: signal.signal(sig, on_job_control) for sig in (signal.SIGTSTP, signal.SIGCONT)})
     try:
         try:
             sup.start()
@@ -141,11 +149,19 @@ def run_multinode(plan: runner_mod.Plan) -> int:
             signal.signal(sig, old)
         server.close()
         backend.cleanup()
+    return _multinode_status(plan.backend, stops, server.first_failure, program, report.returncode)
+
+
+def _multinode_status(backend: str | None, stops: list[int], failure: dict[str, Any] | None, program: str,
+                      program_status: int) -> int:
+    """The runner's status, with its last line: DeepSpeed's after a signal to the runner; else
+    the root cause the job channel reported (a hang, a rank's failure); else the backend's."""
+    from dslaunch.report import signal_name
+
     if stops:
         # DeepSpeed's runner: its pdsh handler exits 1 after SIGINT/SIGTERM; with no handler
         # (SIGHUP, the MPI and Slurm backends) it dies of the signal.
-        return command_exit.per_node_launcher(-stops[0]) if plan.backend == 'pdsh' else -stops[0]
-    failure = server.first_failure
+        return command_exit.per_node_launcher(-stops[0]) if backend == 'pdsh' else -stops[0]
     if failure is not None and failure.get('kind') == 'hang':
         where = f' on {failure["host"]}' if failure.get('host') else ''
         print(f'{PROG}: error: the job hung{where}: no rank there wrote output for {failure.get("quiet_for", 0):.0f} s '
@@ -159,9 +175,9 @@ def run_multinode(plan: runner_mod.Plan) -> int:
         how = f'was killed by {signal_name(-rc)}' if rc < 0 else f'exited with status {rc}'
         print(f'{PROG}: error: rank {failure.get("rank")}{where} {how}; every host was stopped', file=sys.stderr)
         return command_exit.rank_status(rc)
-    if report.returncode != 0:
-        print(f'{PROG}: error: {program} exited with status {report.returncode}', file=sys.stderr)
-    return report.returncode
+    if program_status != 0:
+        print(f'{PROG}: error: {program} exited with status {program_status}', file=sys.stderr)
+    return program_status
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

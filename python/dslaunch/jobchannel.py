@@ -67,6 +67,7 @@ class JobServer:
         self._idle = threading.Condition(self._lock)  # notified when a connection closes
         self._clients: dict[socket.socket, int | None] = {}
         self._stop_sent: dict[str, Any] | None = None
+        self._paused: dict[str, Any] | None = None  # a SIGTSTP not yet followed by SIGCONT
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(('0.0.0.0', 0))
@@ -99,6 +100,18 @@ class JobServer:
         msg = {'t': 'stop', 'sig': sig}
         with self._lock:
             self._stop_sent = msg
+            clients = [c for c, n in self._clients.items() if n is not None]
+        for c in clients:
+            _send(c, msg)
+
+    def signal(self, sig: int) -> None:
+        """Pass `sig` on to every launcher's ranks without stopping the job: the runner's Ctrl-Z
+        (SIGTSTP, also sent to launchers that connect while it holds) and `fg`/`bg` (SIGCONT)."""
+        from signal import SIGTSTP
+
+        msg = {'t': 'signal', 'sig': sig}
+        with self._lock:
+            self._paused = msg if sig == SIGTSTP else None
             clients = [c for c, n in self._clients.items() if n is not None]
         for c in clients:
             _send(c, msg)
@@ -167,7 +180,7 @@ class JobServer:
                 return False
             with self._lock:
                 self._clients[sock] = int(msg.get('node', -1))
-                pending = self._stop_sent
+                pending = self._stop_sent or self._paused
             if pending:
                 _send(sock, pending)
             return True
@@ -186,10 +199,17 @@ class JobServer:
 
 class JobClient:
     """A per-node launcher's end. `on_stop(sig)` is called (from a thread) when the runner asks
-    for a stop or the connection to it is lost."""
+    for a stop or the connection to it is lost; `on_signal(sig)`, when the runner passes on a
+    signal that does not stop the job (SIGTSTP, SIGCONT)."""
 
     def __init__(
-        self, address: str, token: str, node_rank: int, on_stop: Callable[[int], None], timeout: float = 15.0
+        self,
+        address: str,
+        token: str,
+        node_rank: int,
+        on_stop: Callable[[int], None],
+        timeout: float = 15.0,
+        on_signal: Callable[[int], None] | None = None,
     ) -> None:
         host, _, port = address.rpartition(':')
         if not port.isdigit() or int(port) > 65535:
@@ -199,6 +219,7 @@ class JobClient:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._node = node_rank
         self._on_stop = on_stop
+        self._on_signal = on_signal
         self._finished = False
         #: The runner asked for a stop (another host failed, or Ctrl-C): the job's status is its.
         self.stopped_by_runner = False
@@ -273,3 +294,5 @@ class JobClient:
                 if msg.get('t') == 'stop':
                     self.stopped_by_runner = True
                     self._on_stop(int(msg.get('sig', signal.SIGTERM)))
+                elif msg.get('t') == 'signal' and self._on_signal is not None:
+                    self._on_signal(int(msg.get('sig', 0)))  # Ctrl-Z / fg on the runner

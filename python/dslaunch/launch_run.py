@@ -145,8 +145,8 @@ def run_plans(
     (or the loss of the connection to it) tears this node's ranks down.
     """
     from dslaunch import _core
+    from dslaunch import report as _  # noqa: F401 (loaded before the job: not on a teardown's path)
     from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
-    from dslaunch.report import print_report
 
     if not grace_period >= 0:  # negative or nan, before the Supervisor's own ValueError (inf: never SIGKILL)
         raise UsageError(f'--grace_period must be >= 0 seconds, got {grace_period}')
@@ -201,12 +201,17 @@ def run_plans(
         if started:
             sup.stop(sig)
 
+    def on_signal(sig: int) -> None:
+        # The runner's Ctrl-Z or fg/bg: the ranks pause or resume; this process stays up.
+        if started:
+            sup.stop(sig)
+
     client = None
     if report_to and token:
         try:
             from dslaunch import jobchannel  # only under a multi-node runner: sockets and threads
 
-            client = jobchannel.JobClient(report_to, token, node_rank or 0, on_stop)
+            client = jobchannel.JobClient(report_to, token, node_rank or 0, on_stop, on_signal=on_signal)
         except OSError as e:
             raise DslaunchError(f'cannot reach the dslaunch runner at {report_to}: {e.strerror or e}') from None
     with PidFile(save_pid):
@@ -225,12 +230,23 @@ def run_plans(
             sup.console_message(f'dslaunch: job {sup.run_id}: {len(plans)} rank(s), launcher pid {os.getpid()} '
                                 f'(their Python stacks: dslaunch stacks {sup.run_id})')
         report = _supervise(sup, client, watch, stops)
+    command_exit.leave_to_exit(plans, specs, overrides, sup, report, environ)
+    return _report_and_status(report, watch, client, shown_any=bool(plans), quiet=quiet, merged=merged,
+                              report_json=report_json)  # fmt: skip
+
+
+def _report_and_status(report: _core.Report, watch: HangWatch | None, client: jobchannel.JobClient | None, *,
+                       shown_any: bool, quiet: bool, merged: bool, report_json: str | None) -> int:
+    """After the job: tells the runner (if any), prints the report, writes `--report_json`;
+    returns this node's status."""
+    from dslaunch.report import print_report
+
     status = _job_status(report, watch)
     returncode = command_exit.shell(status)  # for the report: what a shell shows
     hangs = watch.hangs if watch is not None else []
     if client is not None:
         client.report_done(returncode)
-    if plans and not (quiet and returncode == 0 and not hangs):  # quiet: "finished OK" is not an error
+    if shown_any and not (quiet and returncode == 0 and not hangs):  # quiet: "finished OK" is not an error
         print_report(report, hangs=hangs, returncode=returncode, tail_of='output' if merged else 'stderr')
     if report_json:
         from dslaunch.report import write_json
@@ -239,7 +255,6 @@ def run_plans(
             write_json(report, report_json, hangs=hangs, returncode=returncode)
         except OSError as e:
             print(f'dslaunch: cannot write --report_json {report_json}: {e.strerror}', file=sys.stderr)
-    command_exit.leave_to_exit(plans, specs, overrides, sup, report, environ)
     failed_here = report.first_failure is not None or (watch is not None and watch.stopped_job)
     if client is not None and client.stopped_by_runner and not failed_here:
         # Stopped by the runner, which knows why and sets the job's status: a non-zero status

@@ -156,10 +156,17 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
             if child is not None and child.poll() is None:
                 child.send_signal(sig)
 
+    def pass_on(sig: int) -> None:  # the runner's Ctrl-Z or fg/bg: the script pauses or resumes
+        with lock:
+            if child is not None and child.poll() is None:
+                # SIGSTOP for SIGTSTP: the engines start ranks in process groups with no parent in
+                # their session (orphaned), where the kernel discards a SIGTSTP (measured: MPICH).
+                child.send_signal(signal.SIGSTOP if sig == signal.SIGTSTP else sig)
+
     client = None
     if report_to and token:
         try:
-            client = jobchannel.JobClient(report_to, token, -1, stop)
+            client = jobchannel.JobClient(report_to, token, -1, stop, on_signal=pass_on)
         except OSError as exc:
             print(f'launcher_helper: cannot reach the dslaunch runner at {report_to}: {exc.strerror or exc}',
                   file=sys.stderr)  # fmt: skip

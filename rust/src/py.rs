@@ -665,7 +665,8 @@ impl PySupervisor {
 
     /// A stop asked for from outside (a multi-node runner telling this node to stop): the same as
     /// `send_signal(signal)`, except that a job already ending (a rank failed, an earlier stop)
-    /// goes on ending with its grace period: only SIGKILL kills at once. Returns at once.
+    /// goes on ending with its grace period: only SIGKILL kills at once. SIGTSTP pauses the
+    /// ranks without stopping this process (it must hear the SIGCONT). Returns at once.
     fn stop(&self, signal: i32) -> PyResult<()> {
         if !signals::is_valid(signal) {
             return Err(PyValueError::new_err(format!("invalid signal {signal}")));

@@ -134,7 +134,8 @@ pub enum Command {
     Signal(i32),
     /// A stop asked for from outside, as by a multi-node runner: the same as `Signal(sig)` while
     /// the job runs, but a job already ending (a rank failed, an earlier stop) goes on ending,
-    /// its ranks keeping their grace period; only SIGKILL kills at once.
+    /// its ranks keeping their grace period; only SIGKILL kills at once. SIGTSTP pauses the
+    /// ranks but not this process.
     Stop(i32),
     /// Stop the job: `sig` to every rank tree, SIGKILL after `grace` (default: the config's).
     Terminate {
@@ -864,8 +865,12 @@ impl Loop {
                     signals::kill(self.my_pid, libc::SIGSTOP);
                 }
                 Command::Signal(sig) | Command::Stop(sig) => {
-                    if sig == libc::SIGCONT {
-                        self.ranks_paused = false;
+                    // Stop(SIGTSTP), from a multi-node runner's Ctrl-Z: the ranks pause, and this
+                    // process (no terminal of its own) stays up to hear the SIGCONT.
+                    match sig {
+                        libc::SIGTSTP => self.ranks_paused = true,
+                        libc::SIGCONT => self.ranks_paused = false,
+                        _ => {}
                     }
                     for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
                         signals::killpg(r.pid, sig);

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.procs import proc_stat, wait_until
 from multinode_infra import DEAD_HOST, ENGINES, PROBE, ROOT, Cluster, Engine, Job, Run, Runner, proc_alive
 
 NASTY = [
@@ -544,6 +545,28 @@ def test_ctrl_c_leaves_nothing_on_any_host_within_half_a_second(runner: Runner, 
         assert run is not None, 'runner still running 2 s after Ctrl-C'
         assert run.returncode == (1 if engine.name == 'pdsh' else -signal.SIGINT), run
         assert 'ssh exited with exit code' not in run.stderr, run.stderr  # pdsh: every host ended quietly
+
+
+@pytest.mark.parametrize('engine', ENGINES, indirect=True)
+def test_ctrl_z_pauses_every_host_and_fg_resumes_it(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """Ctrl-Z on the runner: every rank on every host stops (through the job channel), then the
+    runner itself; `fg` (SIGCONT to its group) resumes them all; Ctrl-C then ends the job."""
+    out = tmp_path / 'out'
+    control(out, sleep=30)
+
+    def states(pids: list[int]) -> list[str]:
+        return [(proc_stat(p) or {}).get('state', 'gone') for p in pids]
+
+    with running_job(runner, engine, '-H', str(runner.cluster.hostfile), *probe(out)) as job:
+        ranks = [r['pid'] for r in wait_for_ranks(out, 4, job).values()]
+        os.killpg(job.proc.pid, signal.SIGTSTP)  # what the terminal does on Ctrl-Z
+        wait_until(lambda: states([job.proc.pid, *ranks]) == ['T'] * 5, 10, 'the runner and every rank to stop')
+        os.killpg(job.proc.pid, signal.SIGCONT)  # fg
+        wait_until(lambda: all(s in ('R', 'S') for s in states([job.proc.pid, *ranks])), 10, 'all to run again')
+        job.ctrl_c()
+        run = job.wait(10)
+        assert run is not None, 'runner still running 10 s after Ctrl-C'
+        assert run.returncode == (1 if engine.name == 'pdsh' else -signal.SIGINT), run
 
 
 @pytest.mark.parametrize('engine', ENGINES, indirect=True)

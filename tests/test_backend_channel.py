@@ -182,3 +182,16 @@ def test_the_runners_ctrl_z_pauses_the_ranks_and_fg_resumes_them(server: JobServ
     wait_until(lambda: _state(pid) in ('R', 'S'), 10, 'the rank to run again')
     server.stop(signal.SIGTERM)
     assert proc.wait(10) == 0 and not alive(pid)
+
+
+def test_a_stop_reaches_a_script_the_runners_ctrl_z_left_stopped(server: JobServer, tmp_path: Path) -> None:
+    """Another host fails while this one is paused: the helper's SIGTERM comes with a SIGCONT, so
+    the script ends at once instead of waiting, stopped, for the runner's SIGKILL."""
+    proc, out = start_helper(tmp_path, server, 'sleep')
+    pid = wait_file(out, proc)['pid']
+    while server.connected() < 1:
+        time.sleep(0.01)
+    server.signal(signal.SIGTSTP)
+    wait_until(lambda: _state(pid) == 'T', 10, 'the rank to stop')
+    server.stop(signal.SIGTERM)
+    assert proc.wait(10) == 0 and not alive(pid)

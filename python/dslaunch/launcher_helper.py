@@ -148,6 +148,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
     report_to, token = env.pop(REPORT_TO_ENV, None), env.pop(TOKEN_ENV, None)
     lock = threading.Lock()
     stops: list[int] = []
+    paused: list[bool] = []  # [True] while the runner's Ctrl-Z holds
     child: subprocess.Popen[bytes] | None = None
 
     def stop(sig: int) -> None:  # from the runner's thread: a failure elsewhere, Ctrl-C, or the runner gone
@@ -155,9 +156,12 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
             stops.append(sig)
             if child is not None and child.poll() is None:
                 child.send_signal(sig)
+                if paused:
+                    child.send_signal(signal.SIGCONT)  # a stopped script acts on it only once continued
 
     def pass_on(sig: int) -> None:  # the runner's Ctrl-Z or fg/bg: the script pauses or resumes
         with lock:
+            paused[:] = [True] if sig == signal.SIGTSTP else []
             if child is not None and child.poll() is None:
                 # SIGSTOP for SIGTSTP: the engines start ranks in process groups with no parent in
                 # their session (orphaned), where the kernel discards a SIGTSTP (measured: MPICH).

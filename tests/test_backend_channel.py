@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
 from dslaunch.jobchannel import JobServer
-from helpers.procs import alive, proc_stat, wait_until
+from helpers.procs import alive, proc_state, wait_until
 
 SCRIPT = """
 import json, os, sys, time
@@ -162,10 +162,6 @@ def test_a_node_whose_runner_is_gone_exits_as_after_sigterm(server: JobServer, t
     assert not alive(pid)
 
 
-def _state(pid: int) -> str:
-    return (proc_stat(pid) or {}).get('state', 'gone')
-
-
 @pytest.mark.parametrize('side', ['helper', 'node'])
 def test_the_runners_ctrl_z_pauses_the_ranks_and_fg_resumes_them(server: JobServer, tmp_path: Path, side: str) -> None:
     """`JobServer.signal`: SIGTSTP stops the rank (the helper sends SIGSTOP: engines start ranks in
@@ -176,10 +172,10 @@ def test_the_runners_ctrl_z_pauses_the_ranks_and_fg_resumes_them(server: JobServ
     while server.connected() < 1:
         time.sleep(0.01)
     server.signal(signal.SIGTSTP)
-    wait_until(lambda: _state(pid) == 'T', 10, 'the rank to stop')
-    assert _state(proc.pid) in ('R', 'S')
+    wait_until(lambda: proc_state(pid) == 'T', 10, 'the rank to stop')
+    assert proc_state(proc.pid) in ('R', 'S')
     server.signal(signal.SIGCONT)
-    wait_until(lambda: _state(pid) in ('R', 'S'), 10, 'the rank to run again')
+    wait_until(lambda: proc_state(pid) in ('R', 'S'), 10, 'the rank to run again')
     server.stop(signal.SIGTERM)
     assert proc.wait(10) == 0 and not alive(pid)
 
@@ -192,6 +188,6 @@ def test_a_stop_reaches_a_script_the_runners_ctrl_z_left_stopped(server: JobServ
     while server.connected() < 1:
         time.sleep(0.01)
     server.signal(signal.SIGTSTP)
-    wait_until(lambda: _state(pid) == 'T', 10, 'the rank to stop')
+    wait_until(lambda: proc_state(pid) == 'T', 10, 'the rank to stop')
     server.stop(signal.SIGTERM)
     assert proc.wait(10) == 0 and not alive(pid)

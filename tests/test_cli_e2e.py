@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.procs import proc_stat
+from helpers.procs import proc_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DSLAUNCH = str(Path(sys.executable).parent / 'dslaunch')
@@ -421,7 +421,7 @@ def test_ctrl_z_pauses_the_whole_job_and_fg_resumes_it(tmp_path: Path) -> None:
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGTSTP)
     deadline = time.monotonic() + 10
-    while (proc_stat(p.pid) or {}).get('state') != 'T':
+    while proc_state(p.pid) != 'T':
         assert time.monotonic() < deadline, 'dslaunch did not stop'
         time.sleep(0.02)
     time.sleep(0.2)  # a tick in flight lands

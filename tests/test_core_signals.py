@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from dslaunch import _core
-from helpers.procs import HELPERS, PY, Launcher, alive, all_dead, proc_stat, wait_until
+from helpers.procs import HELPERS, PY, Launcher, alive, all_dead, proc_state, wait_until
 
 N = 3
 LONG_GRACE = 30.0
@@ -272,9 +272,11 @@ def test_forwarding_handlers_are_installed_for_the_job_and_restored_after() -> N
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def _state(pid: int) -> str:
-    st = proc_stat(pid)
-    return st['state'] if st else 'gone'
+def _pause(launcher: Launcher, ranks: list[int]) -> None:
+    """Ctrl-Z to the launcher: it and every rank stop."""
+    os.kill(launcher.pid, signal.SIGTSTP)
+    wait_until(lambda: [proc_state(p) for p in [launcher.pid, *ranks]] == ['T'] * (len(ranks) + 1), 10,
+               'the launcher and every rank to stop')  # fmt: skip
 
 
 def test_ctrl_z_stops_every_rank_and_the_launcher_and_sigcont_resumes_them(tmp_path: Path) -> None:
@@ -285,11 +287,9 @@ def test_ctrl_z_stops_every_rank_and_the_launcher_and_sigcont_resumes_them(tmp_p
     with Launcher(spec) as launcher:
         started = launcher.event()
         _wait_ready(tmp_path)
-        os.kill(launcher.pid, signal.SIGTSTP)
-        wait_until(lambda: [_state(p) for p in [launcher.pid, *started['pids']]] == ['T'] * (N + 1), 10,
-                   'the launcher and every rank to stop')  # fmt: skip
+        _pause(launcher, started['pids'])
         os.kill(launcher.pid, signal.SIGCONT)
-        wait_until(lambda: all(_state(p) in 'RS' for p in [launcher.pid, *started['pids']]), 10,
+        wait_until(lambda: all(proc_state(p) in 'RS' for p in [launcher.pid, *started['pids']]), 10,
                    'the launcher and every rank to run again')  # fmt: skip
         os.kill(launcher.pid, signal.SIGTERM)
         report = launcher.event(timeout=10)
@@ -307,13 +307,11 @@ def test_a_teardown_wakes_ranks_left_stopped(tmp_path: Path) -> None:
     with Launcher(spec) as launcher:
         started = launcher.event()
         _wait_ready(tmp_path)
-        os.kill(launcher.pid, signal.SIGTSTP)
-        wait_until(lambda: [_state(p) for p in [launcher.pid, *started['pids']]] == ['T'] * (N + 1), 10,
-                   'the launcher and every rank to stop')  # fmt: skip
+        _pause(launcher, started['pids'])
         os.kill(launcher.pid, signal.SIGCONT)
-        wait_until(lambda: _state(launcher.pid) in 'RS', 10, 'the launcher to run again')
+        wait_until(lambda: proc_state(launcher.pid) in 'RS', 10, 'the launcher to run again')
         time.sleep(0.3)
-        assert [_state(p) for p in started['pids']] == ['T'] * N, 'SIGCONT was not to be forwarded'
+        assert [proc_state(p) for p in started['pids']] == ['T'] * N, 'SIGCONT was not to be forwarded'
         t0 = time.monotonic()
         os.kill(launcher.pid, signal.SIGTERM)
         report = launcher.event(timeout=10)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from dslaunch.world_info import encode_world_info
-from helpers.procs import alive, proc_stat, wait_until
+from helpers.procs import alive, proc_state, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / 'examples' / 'train_elastic.py'
@@ -285,30 +285,30 @@ def test_dead_node_leaves_a_job_that_goes_on_with_min_nodes(job: Job) -> None:
     assert finals(a) == [(0, 1, 40)], a.output
 
 
+def _two_sleeping_workers(job: Job, tmp_path: Path, seconds: float) -> tuple[Node, list[int]]:
+    """One node with two workers that print their pids, then sleep `seconds`."""
+    sleeper = tmp_path / 'sleeper.py'
+    sleeper.write_text(f"import os, time\nprint(f'sleeping {{os.getpid()}}', flush=True)\ntime.sleep({seconds})\n")
+    node = job.launch(0, world={'node0': [0, 1]}, max_nodes=1, script=sleeper, script_args=[])
+    node.wait_for(r'\[0\]: sleeping')
+    node.wait_for(r'\[1\]: sleeping')
+    return node, [int(m.group(1)) for line in node.lines if (m := re.search(r'sleeping (\d+)', line))]
+
+
 def test_ctrl_z_pauses_the_node_and_its_ranks(job: Job, tmp_path: Path) -> None:
     """SIGTSTP reaches the workers (each in its own process group), then the agent stops itself;
     SIGCONT resumes all of them; the job then finishes."""
-    sleeper = tmp_path / 'sleeper.py'
-    sleeper.write_text("import os, time\nprint(f'sleeping {os.getpid()}', flush=True)\ntime.sleep(3)\n")
-    a = job.launch(0, world={'node0': [0, 1]}, max_nodes=1, script=sleeper, script_args=[])
-    a.wait_for(r'\[0\]: sleeping')
-    a.wait_for(r'\[1\]: sleeping')
-    workers = [int(m.group(1)) for line in a.lines if (m := re.search(r'sleeping (\d+)', line))]
+    a, workers = _two_sleeping_workers(job, tmp_path, seconds=3)
     a.proc.send_signal(signal.SIGTSTP)
     everyone = [a.proc.pid, *workers]
-    wait_until(lambda: [(proc_stat(p) or {}).get('state') for p in everyone] == ['T'] * 3, 10, 'all to stop')
+    wait_until(lambda: [proc_state(p) for p in everyone] == ['T'] * 3, 10, 'all to stop')
     a.proc.send_signal(signal.SIGCONT)
-    wait_until(lambda: all((proc_stat(p) or {}).get('state') in ('R', 'S') for p in everyone), 10, 'all to run again')
+    wait_until(lambda: all(proc_state(p) in ('R', 'S') for p in everyone), 10, 'all to run again')
     assert a.finish(30) == 0, a.output
 
 
 def test_sigterm_stops_the_node_and_its_ranks(job: Job, tmp_path: Path) -> None:
-    sleeper = tmp_path / 'sleeper.py'
-    sleeper.write_text("import os, time\nprint(f'sleeping {os.getpid()}', flush=True)\ntime.sleep(600)\n")
-    a = job.launch(0, world={'node0': [0, 1]}, max_nodes=1, script=sleeper, script_args=[])
-    a.wait_for(r'\[0\]: sleeping')
-    a.wait_for(r'\[1\]: sleeping')
-    workers = [int(m.group(1)) for line in a.lines if (m := re.search(r'sleeping (\d+)', line))]
+    a, workers = _two_sleeping_workers(job, tmp_path, seconds=600)
     a.proc.send_signal(signal.SIGTERM)
     assert a.finish(30) == 1, a.output  # DeepSpeed's launch.py: 1 after SIGINT/SIGTERM
     assert len(workers) == 2 and not any(alive(p) for p in workers)

@@ -42,6 +42,12 @@ def proc_stat(pid: int) -> dict[str, Any] | None:
     return {'state': fields[0].decode(), 'ppid': int(fields[1]), 'pgrp': int(fields[2]), 'session': int(fields[3])}
 
 
+def proc_state(pid: int) -> str:
+    """The one-letter state of `pid` (R, S, T for stopped, Z, ...); 'gone' if there is none."""
+    st = proc_stat(pid)
+    return st['state'] if st else 'gone'
+
+
 def alive(pid: int) -> bool:
     """Running (or stopped), not a zombie and not gone."""
     st = proc_stat(pid)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.procs import proc_stat, wait_until
+from helpers.procs import proc_state, wait_until
 from multinode_infra import DEAD_HOST, ENGINES, PROBE, ROOT, Cluster, Engine, Job, Run, Runner, proc_alive
 
 NASTY = [
@@ -554,15 +554,12 @@ def test_ctrl_z_pauses_every_host_and_fg_resumes_it(runner: Runner, engine: Engi
     out = tmp_path / 'out'
     control(out, sleep=30)
 
-    def states(pids: list[int]) -> list[str]:
-        return [(proc_stat(p) or {}).get('state', 'gone') for p in pids]
-
     with running_job(runner, engine, '-H', str(runner.cluster.hostfile), *probe(out)) as job:
         ranks = [r['pid'] for r in wait_for_ranks(out, 4, job).values()]
         os.killpg(job.proc.pid, signal.SIGTSTP)  # what the terminal does on Ctrl-Z
-        wait_until(lambda: states([job.proc.pid, *ranks]) == ['T'] * 5, 10, 'the runner and every rank to stop')
+        wait_until(lambda: [proc_state(p) for p in [job.proc.pid, *ranks]] == ['T'] * 5, 10, 'the runner and every rank to stop')
         os.killpg(job.proc.pid, signal.SIGCONT)  # fg
-        wait_until(lambda: all(s in ('R', 'S') for s in states([job.proc.pid, *ranks])), 10, 'all to run again')
+        wait_until(lambda: all(proc_state(p) in ('R', 'S') for p in [job.proc.pid, *ranks]), 10, 'all to run again')
         job.ctrl_c()
         run = job.wait(10)
         assert run is not None, 'runner still running 10 s after Ctrl-C'

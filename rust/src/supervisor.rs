@@ -854,19 +854,7 @@ impl Loop {
                     }
                 }
                 Command::Stop(libc::SIGKILL) => self.begin_teardown(libc::SIGKILL, Duration::ZERO),
-                Command::Signal(libc::SIGTSTP) => {
-                    // Ctrl-Z: each rank has its own process group, out of the terminal's reach, so
-                    // the job pauses only if the launcher passes the stop on and then stops itself
-                    // (the shell waits for that). SIGCONT (`fg`, `bg`) is forwarded like any signal.
-                    for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
-                        signals::killpg(r.pid, libc::SIGTSTP);
-                    }
-                    self.ranks_paused = true;
-                    signals::kill(self.my_pid, libc::SIGSTOP);
-                }
                 Command::Signal(sig) | Command::Stop(sig) => {
-                    // Stop(SIGTSTP), from a multi-node runner's Ctrl-Z: the ranks pause, and this
-                    // process (no terminal of its own) stays up to hear the SIGCONT.
                     match sig {
                         libc::SIGTSTP => self.ranks_paused = true,
                         libc::SIGCONT => self.ranks_paused = false,
@@ -874,6 +862,13 @@ impl Loop {
                     }
                     for r in self.ranks.iter().filter(|r| r.pidfd.is_some()) {
                         signals::killpg(r.pid, sig);
+                    }
+                    if cmd == Command::Signal(libc::SIGTSTP) {
+                        // Ctrl-Z: each rank has its own process group, out of the terminal's reach,
+                        // so the job pauses only if the launcher passes the stop on and then stops
+                        // itself (the shell waits for that). Stop(SIGTSTP), a multi-node runner's
+                        // Ctrl-Z, pauses only the ranks: this process stays up to hear the SIGCONT.
+                        signals::kill(self.my_pid, libc::SIGSTOP);
                     }
                 }
                 Command::Terminate { sig, grace } => {

@@ -231,6 +231,36 @@ def test_console_ranks_shows_only_those_but_logs_all(tmp_path: Path) -> None:
     assert report.ranks[1].output_lines == 2
 
 
+def test_one_stream_on_the_console_and_a_log_file_per_stream(tmp_path: Path) -> None:
+    """torchrun's `--redirects`/`--tee`: each stream its own file (or none), and a stream kept off
+    the console still reaches its file."""
+    both = '/bin/sh', '-c', 'echo out; echo err >&2; echo out2; echo err2 >&2'
+    ranks = [
+        _core.RankSpec(both, console='stdout', stderr_log_file=tmp_path / '0.err'),
+        _core.RankSpec(both, console='stderr', stdout_log_file=tmp_path / '1.out', stderr_log_file=tmp_path / '1.err'),
+        _core.RankSpec(both, console=False, stdout_log_file=tmp_path / '2.out'),
+    ]
+    assert [r.console for r in ranks] == ['stdout', 'stderr', False]
+    assert (ranks[1].stdout_log_file, ranks[1].stderr_log_file, ranks[1].log_file) == \
+        (str(tmp_path / '1.out'), str(tmp_path / '1.err'), None)
+    with console('file', tmp_path, 'out') as (out_fd, out), console('file', tmp_path, 'err') as (err_fd, err):
+        report = _core.Supervisor(ranks, stdout_fd=out_fd, stderr_fd=err_fd).run()
+    assert report.returncode == 0
+    assert out[0] == b'[0]: out\n[0]: out2\n' and err[0] == b'[1]: err\n[1]: err2\n'
+    assert (tmp_path / '0.err').read_bytes() == (tmp_path / '1.err').read_bytes() == b'err\nerr2\n'
+    assert (tmp_path / '1.out').read_bytes() == (tmp_path / '2.out').read_bytes() == b'out\nout2\n'
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in ('.out', '.err')) == ['0.err', '1.err', '1.out', '2.out']
+
+
+def test_console_and_per_stream_logs_are_checked() -> None:
+    with pytest.raises(ValueError, match='not both'):
+        _core.RankSpec(['true'], log_file='a', stderr_log_file='b')
+    with pytest.raises(ValueError, match="'stdout' or 'stderr'"):
+        _core.RankSpec(['true'], console='both')
+    with pytest.raises(TypeError):
+        _core.RankSpec(['true'], console=1)  # type: ignore[arg-type]
+
+
 def test_stderr_tail_holds_the_last_stderr_lines(tmp_path: Path) -> None:
     code = 'import sys\nprint("to stdout")\nfor i in range(50): print("noise", i, file=sys.stderr)\nraise ValueError("boom")'
     ranks = [_core.RankSpec([PY, '-c', code]), _core.RankSpec(['sleep', '30'])]

@@ -43,7 +43,11 @@ class RankSpec:
         cwd: Working directory (default: the launcher's).
         log_file: A file that receives the rank's stdout and stderr merged (truncated first).
         tag: The label in the console prefix (default: the rank's index).
-        console: Whether the rank's lines are shown on the console.
+        console: Whether the rank's lines are shown on the console: True, False, or the one stream
+            shown, 'stdout' or 'stderr' (with a merged `log_file`, both streams count as stdout).
+        stdout_log_file: A file for the rank's stdout alone (truncated first); not with `log_file`.
+        stderr_log_file: A file for the rank's stderr alone; not with `log_file`. A stream without
+            a file is not logged.
     """
 
     def __new__(
@@ -54,7 +58,9 @@ class RankSpec:
         cwd: _StrPath | None = None,
         log_file: _StrPath | None = None,
         tag: str | None = None,
-        console: bool = True,
+        console: bool | Literal['stdout', 'stderr'] = True,
+        stdout_log_file: _StrPath | None = None,
+        stderr_log_file: _StrPath | None = None,
     ) -> RankSpec: ...
     @property
     def argv(self) -> list[str]: ...
@@ -65,9 +71,13 @@ class RankSpec:
     @property
     def log_file(self) -> str | None: ...
     @property
+    def stdout_log_file(self) -> str | None: ...
+    @property
+    def stderr_log_file(self) -> str | None: ...
+    @property
     def tag(self) -> str: ...
     @property
-    def console(self) -> bool: ...
+    def console(self) -> bool | Literal['stdout', 'stderr']: ...
 
 @final
 class RankResult:

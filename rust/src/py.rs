@@ -55,6 +55,13 @@ fn new_run_id() -> String {
         .unwrap_or_else(|_| format!("{:x}{:x}", std::process::id(), unix_time(SystemTime::now()).to_bits()))
 }
 
+/// `RankSpec(console=...)`: a bool, or the one stream shown ('stdout' or 'stderr').
+#[derive(FromPyObject, IntoPyObject)]
+enum ConsoleArg {
+    Shown(bool),
+    Stream(String),
+}
+
 /// One rank to start: its argv, extra environment, working directory, log file and tag.
 #[pyclass(module = "dslaunch._core", name = "RankSpec", frozen)]
 pub struct PyRankSpec {
@@ -64,18 +71,39 @@ pub struct PyRankSpec {
 #[pymethods]
 impl PyRankSpec {
     #[new]
-    #[pyo3(signature = (argv, *, env=None, cwd=None, log_file=None, tag=None, console=true))]
+    #[pyo3(signature = (argv, *, env=None, cwd=None, log_file=None, tag=None, console=ConsoleArg::Shown(true),
+                        stdout_log_file=None, stderr_log_file=None),
+           text_signature = "(argv, *, env=None, cwd=None, log_file=None, tag=None, console=True, \
+                             stdout_log_file=None, stderr_log_file=None)")]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         argv: Vec<PathBuf>,
         env: Option<&Bound<'_, PyAny>>,
         cwd: Option<PathBuf>,
         log_file: Option<PathBuf>,
         tag: Option<String>,
-        console: bool,
+        console: ConsoleArg,
+        stdout_log_file: Option<PathBuf>,
+        stderr_log_file: Option<PathBuf>,
     ) -> PyResult<Self> {
         if argv.is_empty() {
             return Err(PyValueError::new_err("argv must not be empty"));
         }
+        if log_file.is_some() && (stdout_log_file.is_some() || stderr_log_file.is_some()) {
+            return Err(PyValueError::new_err(
+                "log_file holds both streams: give it or stdout_log_file/stderr_log_file, not both",
+            ));
+        }
+        let (shown, quiet_stdout, quiet_stderr) = match &console {
+            ConsoleArg::Shown(b) => (*b, false, false),
+            ConsoleArg::Stream(s) if s == "stdout" => (true, false, true),
+            ConsoleArg::Stream(s) if s == "stderr" => (true, true, false),
+            ConsoleArg::Stream(s) => {
+                return Err(PyValueError::new_err(format!(
+                    "console must be True, False, 'stdout' or 'stderr', not {s:?}"
+                )))
+            }
+        };
         let env = match env {
             Some(e) => extract_env(e)?,
             None => Vec::new(),
@@ -86,8 +114,12 @@ impl PyRankSpec {
                 env,
                 cwd,
                 log_file,
+                stdout_log_file,
+                stderr_log_file,
                 tag: tag.unwrap_or_default(),
-                console,
+                console: shown,
+                quiet_stdout,
+                quiet_stderr,
             },
         })
     }
@@ -126,10 +158,27 @@ impl PyRankSpec {
         self.cfg.tag.clone()
     }
 
-    /// Whether this rank's lines are shown on the console.
+    /// Log file of the rank's stdout alone, or None.
     #[getter]
-    fn console(&self) -> bool {
-        self.cfg.console
+    fn stdout_log_file(&self) -> Option<OsString> {
+        self.cfg.stdout_log_file.clone().map(PathBuf::into_os_string)
+    }
+
+    /// Log file of the rank's stderr alone, or None.
+    #[getter]
+    fn stderr_log_file(&self) -> Option<OsString> {
+        self.cfg.stderr_log_file.clone().map(PathBuf::into_os_string)
+    }
+
+    /// Which of this rank's lines are shown on the console: True, False, 'stdout' or 'stderr'.
+    #[getter]
+    fn console(&self) -> ConsoleArg {
+        let c = &self.cfg;
+        match (c.console, c.quiet_stdout, c.quiet_stderr) {
+            (true, false, true) => ConsoleArg::Stream("stdout".into()),
+            (true, true, false) => ConsoleArg::Stream("stderr".into()),
+            (shown, q_out, q_err) => ConsoleArg::Shown(shown && !(q_out && q_err)),
+        }
     }
 
     fn __repr__(&self) -> String {

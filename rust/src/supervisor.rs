@@ -39,10 +39,19 @@ pub struct RankConfig {
     /// A file that receives the rank's stdout and stderr, merged in the order they were read (the
     /// order the rank wrote them with `Config::merge_stderr`, one pipe for both).
     pub log_file: Option<PathBuf>,
+    /// Files for one stream each (torchrun's `stdout.log`/`stderr.log` under `--tee`/`--redirects`),
+    /// instead of `log_file`: a stream without one is not logged. Needs separate pipes (no
+    /// `Config::merge_stderr`) to tell the streams apart.
+    pub stdout_log_file: Option<PathBuf>,
+    pub stderr_log_file: Option<PathBuf>,
     /// The label in the console prefix (usually the global rank).
     pub tag: String,
     /// Whether the rank's lines go to the console.
     pub console: bool,
+    /// Keep this stream's lines off the console even with `console` (torchrun's `--redirects`).
+    /// With `Config::merge_stderr` both streams come as stdout.
+    pub quiet_stdout: bool,
+    pub quiet_stderr: bool,
 }
 
 /// How to run the job.
@@ -284,13 +293,7 @@ impl Supervisor {
         let err = Sink::open(cfg.stderr_fd)?;
         let mut logs = Vec::with_capacity(n);
         for r in &cfg.ranks {
-            logs.push(match &r.log_file {
-                Some(p) => Some(File::create(p).map_err(|source| CoreError::LogFile {
-                    source,
-                    path: p.clone(),
-                })?),
-                None => None,
-            });
+            logs.push(RankLogs::open(r)?);
         }
         let marker = format!("{RUN_ID_VAR}={}", cfg.run_id);
         let guard = if cfg.orphan_guard {
@@ -585,11 +588,40 @@ struct Stream {
     is_stderr: bool,
 }
 
+/// A rank's log files, by stream: both entries are the same file (two descriptors of one open
+/// file, one offset) for `RankConfig::log_file`, separate files for the per-stream ones.
+struct RankLogs([Option<File>; 2]);
+
+impl RankLogs {
+    fn open(r: &RankConfig) -> Result<RankLogs, CoreError> {
+        let create = |p: &PathBuf| {
+            File::create(p).map_err(|source| CoreError::LogFile {
+                source,
+                path: p.clone(),
+            })
+        };
+        if let Some(p) = &r.log_file {
+            if r.stdout_log_file.is_some() || r.stderr_log_file.is_some() {
+                return Err(CoreError::InvalidArgument(
+                    "log_file holds both streams: give it or the per-stream log files, not both".into(),
+                ));
+            }
+            let f = create(p)?;
+            let dup = f.try_clone()?;
+            return Ok(RankLogs([Some(f), Some(dup)]));
+        }
+        Ok(RankLogs([
+            r.stdout_log_file.as_ref().map(create).transpose()?,
+            r.stderr_log_file.as_ref().map(create).transpose()?,
+        ]))
+    }
+}
+
 struct LiveRank {
     pidfd: Option<OwnedFd>,
     pid: i32,
-    console: bool,
-    log: Option<File>,
+    console: [bool; 2],
+    logs: RankLogs,
     info: RankInfo,
     dirty: bool,
 }
@@ -667,7 +699,7 @@ impl Loop {
         marker: Vec<u8>,
         spawned: Vec<spawn::Spawned>,
         infos: Vec<RankInfo>,
-        logs: Vec<Option<File>>,
+        logs: Vec<RankLogs>,
         out: Sink,
         err: Sink,
         guard: Option<Watchdog>,
@@ -702,8 +734,8 @@ impl Loop {
             ranks.push(LiveRank {
                 pidfd: Some(s.pidfd),
                 pid: s.pid,
-                console: rc.console,
-                log,
+                console: [rc.console && !rc.quiet_stdout, rc.console && !rc.quiet_stderr],
+                logs: log,
                 info,
                 dirty: false,
             });
@@ -952,13 +984,14 @@ impl Loop {
         rank.info.last_output_at = Some(SystemTime::now());
         rank.info.output_bytes += len as u64;
         rank.dirty = true;
-        if let Some(log) = rank.log.as_mut() {
+        let which = usize::from(s.is_stderr);
+        if let Some(log) = rank.logs.0[which].as_mut() {
             if let Err(e) = log.write_all(data) {
                 // Name the file in the one warning (a full disk is usually one of many).
                 let path = std::fs::read_link(format!("/proc/self/fd/{}", log.as_raw_fd()))
                     .map_or_else(|_| "(unknown path)".into(), |p| p.display().to_string());
                 rank.info.log_error = Some(e.to_string());
-                rank.log = None;
+                rank.logs.0 = [None, None]; // one warning: a full disk stops both files
                 let msg = format!(
                     "dslaunch: rank {} log file {path} write failed ({e}); the file is incomplete, \
                      the rank's output goes on to the console only\n",
@@ -967,7 +1000,15 @@ impl Loop {
                 console.message(true, msg.as_bytes());
             }
         }
-        let route = Route::new(r, s.is_stderr, *merged, rank.console, *tail_lines, *keep_last_line, now);
+        let route = Route::new(
+            r,
+            s.is_stderr,
+            *merged,
+            rank.console[which],
+            *tail_lines,
+            *keep_last_line,
+            now,
+        );
         s.splitter.feed(data, route_segment(&mut rank.info, console, route));
     }
 
@@ -994,7 +1035,7 @@ impl Loop {
             r,
             s.is_stderr,
             *merged,
-            rank.console,
+            rank.console[usize::from(s.is_stderr)],
             *tail_lines,
             *keep_last_line,
             Instant::now(),
@@ -1450,7 +1491,7 @@ impl Loop {
         self.console.out.flush_all();
         self.console.err.flush_all();
         for r in &mut self.ranks {
-            if let Some(log) = r.log.as_mut() {
+            for log in r.logs.0.iter_mut().flatten() {
                 let _ = log.flush();
             }
         }

@@ -51,7 +51,7 @@ def test_every_torchrun_option_with_its_value_selects_the_torch_cli(tmp_path: Pa
     assert {e['ROLE_NAME'] for e in envs} == {'trainer' if head[0] == '--role' else 'default'}
 
 
-@pytest.mark.parametrize('head', [['--tee', '3'], ['-r', '3'], ['--duplicate-stdout-filters', 'loss'], ['--run-path']])
+@pytest.mark.parametrize('head', [['--duplicate-stdout-filters', 'loss'], ['--numa-binding', 'node'], ['--virtual-local-rank']])
 def test_torchrun_options_not_supported_are_the_torch_front_ends_usage_error(head: list[str]) -> None:
     proc = dslaunch(*head, '--nproc-per-node', '2', 'train.py')
     assert proc.returncode == 2
@@ -237,3 +237,116 @@ def test_no_usable_directory_for_the_error_files_is_one_error_line() -> None:
 
     with pytest.raises(DslaunchError, match=r"^cannot make a directory for the ranks' error files: .*/proc"):
         ErrorFiles('/proc', 'job')  # nobody, root included, makes a directory there
+
+
+def torch_module(*args: str, env: dict[str, str] | None = None, module: str = 'dslaunch.torch_launch',
+                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> args`: dslaunch's torch.distributed.launch, or torch's own launchers."""
+    full_env = {k: v for k, v in os.environ.items() if k != 'CUDA_VISIBLE_DEVICES' and not k.startswith('PET_')}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, '-m', module, *args], env=full_env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL, check=False, cwd=cwd)
+
+
+def test_pet_variables_are_the_defaults_of_torchruns_options(tmp_path: Path) -> None:
+    """torchrun reads each option's default from PET_<OPTION> (Kubeflow's PyTorchJob starts
+    `torchrun train.py` with PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, ... set); the command
+    line wins over them; a flag's value is an integer."""
+    port = free_port()
+    pet = {'DUMP_DIR': str(tmp_path), 'PET_NPROC_PER_NODE': '2', 'PET_NNODES': '1', 'PET_ROLE': 'trainer',
+           'PET_MASTER_PORT': str(port), 'PET_RDZV_ID': 'kube7'}
+    proc = torch_module(DUMP, env=pet)
+    assert proc.returncode == 0, proc.stderr
+    envs = [r['env'] for r in _ranks(tmp_path, 2)]
+    assert {(e['LOCAL_WORLD_SIZE'], e['ROLE_NAME'], e['MASTER_PORT'], e['TORCHELASTIC_RUN_ID']) for e in envs} == \
+        {('2', 'trainer', str(port), 'kube7')}
+    (tmp_path / 'rank1.json').unlink()
+    proc = dslaunch('--nproc-per-node', '1', DUMP, env={**pet, 'PET_STANDALONE': '1'})
+    assert proc.returncode == 0, proc.stderr
+    env = _ranks(tmp_path, 1)[0]['env']
+    assert env['LOCAL_WORLD_SIZE'] == '1' and not (tmp_path / 'rank1.json').exists()  # the flag beats PET_
+    assert env['MASTER_PORT'] != str(port)  # PET_STANDALONE=1: a free port, as --standalone
+    bad = torch_module(DUMP, env={'PET_STANDALONE': 'yes'})
+    assert bad.returncode != 0 and "PET_STANDALONE='yes': expected an integer" in one_error_line(bad)
+
+
+def test_run_path_runs_the_script_with_python_even_with_no_python(tmp_path: Path) -> None:
+    script = tmp_path / 'not_executable.py'
+    script.write_text('import os, sys\nprint("ran", os.environ["RANK"], sys.argv[1:])\n')
+    proc = dslaunch('--run-path', '--no-python', '--use-env', '--nproc-per-node', '2', str(script), 'x')
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(ln for ln in proc.stdout.splitlines()) == ["[0]: ran 0 ['x']", "[1]: ran 1 ['x']"]
+    alone = dslaunch('--no-python', '--use-env', '--nproc-per-node', '1', str(script))
+    assert alone.returncode != 0  # without --run-path the file itself is run: it is not executable
+
+
+BOTH_STREAMS = 'import os, sys\nr = os.environ["RANK"]\nprint("out", r, flush=True)\nprint("err", r, file=sys.stderr, flush=True)\n'
+
+
+def _worker_logs(log_dir: Path) -> dict[str, str]:
+    """`<run id>_*/attempt_0/<local rank>/<stream>.log` -> its text, under --log-dir."""
+    return {'/'.join(p.relative_to(log_dir).parts[1:]): p.read_text() for p in log_dir.rglob('*.log')}
+
+
+def _rank_lines(text: str) -> list[str]:
+    return sorted(ln for ln in text.splitlines() if ln.startswith('[default'))
+
+
+@pytest.mark.parametrize('flags', [['--tee', '3'], ['--redirects', '3'], ['-r', '3', '-t', '2'],
+                                   ['--redirects', '0:3,1:1', '--tee', '1:2']])
+def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[str]) -> None:
+    """What reaches the console (with torch's `[<role><local rank>]:` prefix) and which
+    `stdout.log`/`stderr.log` files are written, compared with torch's own torchrun on the same
+    command line."""
+    script = tmp_path / 'both.py'
+    script.write_text(BOTH_STREAMS)
+    got = {}
+    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
+        log_dir = tmp_path / module
+        use_env = ['--use-env'] if module.startswith('dslaunch') else []
+        proc = torch_module(*use_env, '--nproc-per-node', '2', '--log-dir', str(log_dir), *flags, str(script),
+                            module=module)
+        assert proc.returncode == 0, proc.stderr
+        got[module] = (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
+    assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
+    assert got['dslaunch.torch_launch'][2], 'some stream was logged'
+
+
+def test_prefix_template_from_the_option_or_the_environment(tmp_path: Path) -> None:
+    import socket
+
+    script = tmp_path / 'both.py'
+    script.write_text(BOTH_STREAMS)
+    template = {'TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE': '${hostname}|${role_name}|${rank}|${local_rank}> '}
+    proc = dslaunch('--nproc-per-node', '2', '--role', 'r', str(script), env=template)
+    assert proc.returncode == 0, proc.stderr
+    host = socket.gethostname()
+    assert sorted(proc.stdout.splitlines()) == [f'{host}|r|0|0> out 0', f'{host}|r|1|1> out 1']
+    proc = dslaunch('--nproc-per-node', '1', '--log-line-prefix-template', '<${rank}> ', str(script), env=template)
+    assert proc.returncode == 0 and proc.stdout == '<0> out 0\n', proc.stderr  # the option wins
+
+
+def test_logs_without_a_log_dir_go_to_a_kept_temporary_directory(tmp_path: Path) -> None:
+    script = tmp_path / 'both.py'
+    script.write_text(BOTH_STREAMS)
+    proc = dslaunch('--nproc-per-node', '1', '--redirects', '3', str(script))
+    assert proc.returncode == 0 and proc.stdout == '', proc.stderr
+    named = re.search(r'worker logs \(--redirects/--tee\): (\S+)/<local rank>/', proc.stderr)
+    assert named, proc.stderr
+    attempt = Path(named.group(1))
+    try:
+        assert attempt.name == 'attempt_0' and attempt.parent.parent.name.startswith('torchelastic_')
+        assert (attempt / '0' / 'stdout.log').read_text() == 'out 0\n'
+        assert (attempt / '0' / 'stderr.log').read_text() == 'err 0\n'
+    finally:
+        import shutil
+
+        shutil.rmtree(attempt.parent.parent)
+
+
+@pytest.mark.parametrize('flags', [['--tee', 'x'], ['--redirects', '4'], ['-r', '0:3,a:1'], ['-t', '0:9']])
+def test_bad_redirects_or_tee_is_one_error_line(flags: list[str]) -> None:
+    proc = dslaunch('--nproc-per-node', '2', *flags, 'train.py')
+    assert proc.returncode == 1  # checked before the script (which does not exist here)
+    option = {'-r': '--redirects', '-t': '--tee'}.get(flags[0], flags[0])
+    assert f'{option} {flags[1]!r}: expected 0-3' in one_error_line(proc)

@@ -180,7 +180,9 @@ def _multinode_status(backend: str | None, stops: list[int], failure: dict[str, 
     return program_status
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
+def main(argv: Sequence[str] | None = None, *, torch_cli: bool = False) -> NoReturn:
+    """The `dslaunch` command (`torch_cli`: always torch.distributed.launch's front end, as
+    `python -m dslaunch.torch_launch`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None:
         command_exit.will_exit()
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         from dslaunch import torch_launch
 
-        if torch_launch.wants_torch_cli(args):
+        if torch_cli or torch_launch.wants_torch_cli(args):
             code = torch_launch.main(args, prog=PROG)
         else:
             code = run_deepspeed_cli(args)

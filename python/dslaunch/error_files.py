@@ -26,6 +26,7 @@ class ErrorFiles:
         name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in run_id)[:64]
         self.temporary = not log_dir
         self.given: dict[str, None] = {}  # every file handed out, in order
+        self.keep = False  # the directories hold more than error files (torchrun's --tee/--redirects logs)
         try:
             self.base = log_dir or tempfile.mkdtemp(prefix='torchelastic_')
             self.run_dir = tempfile.mkdtemp(prefix=f'{name}_', dir=self.base)
@@ -53,7 +54,7 @@ class ErrorFiles:
         if written:
             print(f'dslaunch: error files written by failed ranks (torch @record): {" ".join(written)}',
                   file=sys.stderr)
-        else:
+        elif not self.keep:
             shutil.rmtree(self.base if self.temporary else self.run_dir, ignore_errors=True)
         return written
 

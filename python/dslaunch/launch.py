@@ -19,7 +19,7 @@ from .world_info import NONE_SENTINEL, decode_world_info
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Literal
 
     from .numa import Topology
 
@@ -109,7 +109,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
 class RankPlan:
     """One child process of this node. (A plain class: see `runner.Plan` on `dataclasses`.)"""
 
-    __slots__ = ('argv', 'env_overrides', 'local_rank', 'log_name', 'rank')
+    __slots__ = ('argv', 'console', 'env_overrides', 'local_rank', 'log_name', 'rank', 'stream_logs')
 
     def __init__(self, *, rank: int, local_rank: int, argv: list[str], env_overrides: dict[str, str],
                  log_name: str | None) -> None:
@@ -118,6 +118,10 @@ class RankPlan:
         self.argv = argv
         self.env_overrides = env_overrides  # set on top of the launcher's environment
         self.log_name = log_name  # per-rank log file (stdout and stderr), or None
+        # torchrun's --tee/--redirects (torch_launch): the streams shown (`_core.RankSpec`'s
+        # `console`), and one file per stream (stdout's, stderr's; None: not logged) instead of `log_name`
+        self.console: bool | Literal['stdout', 'stderr'] = True
+        self.stream_logs: tuple[str | None, str | None] | None = None
 
     def __repr__(self) -> str:
         return f'RankPlan({", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)})'

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from dslaunch import _core, jobchannel
     from dslaunch.hang import HangWatch
+    from dslaunch.launch import RankPlan
 
 from dslaunch import command_exit
 from dslaunch.errors import DslaunchError, UsageError, printable
@@ -114,8 +115,17 @@ class PidFile:
                 pass
 
 
+def _rank_spec(plan: RankPlan, env: dict[str, str]) -> _core.RankSpec:
+    """The core's spec of one planned rank (`launch.RankPlan`)."""
+    from dslaunch import _core
+
+    out_log, err_log = plan.stream_logs or (None, None)
+    return _core.RankSpec(plan.argv, env=env, log_file=plan.log_name, tag=str(plan.rank),
+                          console=plan.console, stdout_log_file=out_log, stderr_log_file=err_log)
+
+
 def run_plans(
-    plans: Sequence[object],
+    plans: Sequence[RankPlan],
     environ: Mapping[str, str],
     *,
     raw_output: bool = False,
@@ -131,6 +141,7 @@ def run_plans(
     collapse_window: float = 0.25,
     status_line: str = 'auto',
     quiet: bool = False,
+    prefix: str = DEFAULT_PREFIX,
 ) -> int:
     """Starts the planned ranks, waits for them, prints the report; returns the job's status
     (`command_exit.job_status`: -N when signal N stopped it).
@@ -159,24 +170,20 @@ def run_plans(
 
     # Variables equal in every rank go into the base environment once, not into each rank's spec
     # (at 1,024 ranks per-rank copies of e.g. a long CUDA_VISIBLE_DEVICES cost megabytes).
-    overrides = [dict(p.env_overrides) for p in plans]  # type: ignore[attr-defined]
+    overrides = [dict(p.env_overrides) for p in plans]
     common = {k: v for k, v in overrides[0].items() if all(o.get(k) == v for o in overrides[1:])} if plans else {}
     environ.update(common)
-    specs = [
-        _core.RankSpec(p.argv, env={k: v for k, v in o.items() if k not in common},  # type: ignore[attr-defined]
-                       log_file=p.log_name, tag=str(p.rank))  # type: ignore[attr-defined]
-        for p, o in zip(plans, overrides)
-    ]
+    specs = [_rank_spec(p, {k: v for k, v in o.items() if k not in common}) for p, o in zip(plans, overrides)]
     # A rank's log file holds its stdout and stderr in the order it wrote them, as DeepSpeed's
     # (one file for both): the two must then be one pipe, whose lines the console shows on stdout.
-    merged = any(p.log_name for p in plans)  # type: ignore[attr-defined]
+    merged = any(p.log_name for p in plans)
     shown = None
     if console_ranks is not None:
-        shown = [i for i, p in enumerate(plans) if p.rank in console_ranks]  # type: ignore[attr-defined]
+        shown = [i for i, p in enumerate(plans) if p.rank in console_ranks]
     sup = _core.Supervisor(
         specs,
         env=environ,
-        prefix=None if raw_output else DEFAULT_PREFIX,
+        prefix=None if raw_output else prefix,
         console_ranks=shown,
         grace_period=grace_period,
         run_id=run_id or os.urandom(6).hex(),  # 12 random hex digits (uuid4's first 12: no uuid import)

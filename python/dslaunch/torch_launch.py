@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from dslaunch.errors import UsageError
 
@@ -107,12 +107,47 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         p.add_argument(flag, alt, dest=alt[2:], default=None, help='accepted and ignored (no agent here to tune)')
     p.add_argument('--local-ranks-filter', '--local_ranks_filter', dest='local_ranks_filter', default=None,
                    help='only these local ranks on the console, e.g. 0 or 0,2')
+    p.add_argument('--run-path', '--run_path', dest='run_path', action='store_true',
+                   help='run the script with Python even with --no-python (each worker is `python -u script`, '
+                        "what torch's runpy.run_path in a worker amounts to)")
+    p.add_argument('-r', '--redirects', default='0',
+                   help='streams kept off the console and written to <log dir>/<run id>_*/attempt_0/<local rank>/'
+                        '{stdout,stderr}.log: 3 both, 1 stdout, 2 stderr, 0 none; or per local rank, e.g. 0:3,1:2')
+    p.add_argument('-t', '--tee', default='0', help='streams written to those files and shown (same values)')
+    p.add_argument('--log-line-prefix-template', '--log_line_prefix_template', dest='log_line_prefix_template',
+                   default='', help='console prefix with ${rank}, ${local_rank}, ${role_name}, ${hostname} '
+                   '(default: $TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE; with --tee [${role_name}${local_rank}]:)')
     p.add_argument('--raw_output', action='store_true', help='no rank prefix on console lines')
     p.add_argument('--grace_period', type=float, default=30.0)
     p.add_argument('--dry_run', action='store_true')
     p.add_argument('training_script')
     p.add_argument('training_script_args', nargs=argparse.REMAINDER)
+    _pet_defaults(p, os.environ)
     return p
+
+
+#: This front end's options that are not torchrun's: no PET_ variable for them (torch.distributed.launch's
+#: --use-env has none either).
+_NOT_TORCHRUNS = frozenset({'help', 'use_env', 'raw_output', 'grace_period', 'dry_run', 'training_script',
+                            'training_script_args'})
+
+
+def _pet_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """torchrun's defaults from the environment: `PET_<DEST>` for each of its options (PET_NNODES,
+    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, ... as Kubeflow's PyTorchJob sets them), an
+    integer for a flag (0 off). The command line still wins."""
+    for action in parser._actions:
+        name = f'PET_{action.dest.upper()}'
+        if action.dest in _NOT_TORCHRUNS or name not in environ:
+            continue
+        value = environ[name]
+        if action.nargs == 0:
+            try:
+                action.default = bool(int(value))
+            except ValueError:
+                raise UsageError(f'{name}={value!r}: expected an integer (0 is off)') from None
+        else:
+            action.default = value  # argparse converts it with the option's type, as a command-line value
 
 
 def nproc_from(spec: str) -> int:
@@ -142,6 +177,62 @@ def nproc_from(spec: str) -> int:
     if n > MAX_SLOTS_PER_HOST:  # `99999999999` would build the plans for minutes
         raise UsageError(f'--nproc-per-node {n} is more ranks per host than dslaunch launches ({MAX_SLOTS_PER_HOST})')
     return n
+
+
+def std_streams(spec: str, nproc: int, option: str) -> list[int]:
+    """torchrun's --redirects/--tee value, per local rank: one of 0-3 for every worker (1 stdout,
+    2 stderr, 3 both), or `local_rank:value,...` (workers not named: 0; ones beyond --nproc-per-node
+    ignored, as torch)."""
+    def value(v: str) -> int:
+        if v.strip() in ('0', '1', '2', '3'):
+            return int(v)
+        raise UsageError(f'{option} {spec!r}: expected 0-3 (1 stdout, 2 stderr, 3 both) or local_rank:value,... '
+                         'e.g. 0:3,1:2')
+
+    if ':' not in spec:
+        return [value(spec)] * nproc
+    streams = [0] * nproc
+    for item in spec.split(','):
+        local, _, v = item.partition(':')
+        if not local.strip().isdigit():
+            value('')  # the usage error
+        if int(local) < nproc:
+            streams[int(local)] = value(v)
+        else:
+            value(v)
+    return streams
+
+
+def prefix_template(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """torchrun's console prefix (--log-line-prefix-template, else TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE,
+    else `[${role_name}${local_rank}]:` for tee'd streams) as the core's prefix template (`{tag}` is
+    the global rank, `{rank}` the worker's index on this node: its local rank); None keeps
+    dslaunch's `[rank]: `."""
+    template = args.log_line_prefix_template or environ.get('TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE', '')
+    if not template and args.tee != '0':
+        template = '[${role_name}${local_rank}]:'
+    if not template:
+        return None
+    import socket
+    from string import Template
+
+    return Template(template).safe_substitute(rank='{tag}', local_rank='{rank}', role_name=args.role,
+                                              hostname=socket.gethostname())
+
+
+def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int], error_files: dict[int, str]) -> bool:
+    """Applies --redirects/--tee (`std_streams`) to the plans: the streams redirected and not tee'd
+    are kept off the console, each redirected or tee'd stream is written to `stdout.log`/`stderr.log`
+    beside the worker's error file, as torchrun lays them out. False when no stream is logged."""
+    for p in plans:
+        logged, hidden = redirects[p.local_rank] | tee[p.local_rank], redirects[p.local_rank] & ~tee[p.local_rank]
+        p.console = {0: True, 1: 'stderr', 2: 'stdout', 3: False}[hidden]  # type: ignore[assignment]
+        if logged:
+            where = os.path.dirname(error_files[p.local_rank])
+            p.stream_logs = (os.path.join(where, 'stdout.log') if logged & 1 else None,
+                             os.path.join(where, 'stderr.log') if logged & 2 else None)
+            p.log_name = None  # torch's files, not dslaunch's `<stamp>_rank<R>.log`
+    return any(p.stream_logs for p in plans)
 
 
 def substitute_local_rank(words: Sequence[str], local_rank: int) -> list[str]:
@@ -175,16 +266,17 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: 
     nnodes = fixed_nnodes(args.nnodes)
     if not 0 <= args.node_rank < nnodes:
         raise UsageError(f'--node-rank {args.node_rank} is out of range for --nnodes {nnodes}')
-    if args.no_python and args.module:
+    if args.no_python and args.module and not args.run_path:
         raise UsageError("Don't use both the '--no-python' flag and the '--module' flag at the same time.")
     if args.no_python and not args.use_env:
         raise UsageError('--no-python requires --use-env (as in torch.distributed.launch)')
+    script_alone = args.no_python and not args.run_path  # --run-path runs the script with Python, -m or not
     nproc = nproc_from(str(args.nproc_per_node))
     world = nnodes * nproc
     plans = []
     for local in range(nproc):
         rank = args.node_rank * nproc + local
-        argv: list[str] = [] if args.no_python else [python, '-u'] + (['-m'] if args.module else [])
+        argv: list[str] = [] if script_alone else [python, '-u'] + (['-m'] if args.module and not args.run_path else [])
         argv.append(args.training_script)
         if not args.use_env:
             argv.append(f'--local-rank={local}')
@@ -231,7 +323,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     import shlex
     import time
 
-    from dslaunch.launch_run import check_script, parse_rank_selection, run_plans
+    from dslaunch.launch_run import DEFAULT_PREFIX, check_script, parse_rank_selection, run_plans
     from dslaunch.probes import SystemProbes
 
     args = build_parser(prog).parse_args(list(argv))
@@ -267,6 +359,8 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     run_id = torch_run_id(args.rdzv_id, standalone=asked_standalone, rdzv_backend=given_backend,
                           rdzv_endpoint=given_endpoint, master_port=given_port, one_node=one_node)
     plans = plans_for(args, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=run_id)
+    redirects = std_streams(args.redirects, len(plans), '--redirects')
+    tee = std_streams(args.tee, len(plans), '--tee')
     if args.dry_run:
         for p in plans:
             env = ' '.join(f'{k}={shlex.quote(v)}' for k, v in p.env_overrides.items())
@@ -289,13 +383,17 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     paths = error_files.attempt(0, (p.local_rank for p in plans))
     for p in plans:
         p.env_overrides['TORCHELASTIC_ERROR_FILE'] = paths[p.local_rank]
+    if stream_plans(plans, redirects, tee, paths):
+        error_files.keep = True
+        print(f'dslaunch: worker logs (--redirects/--tee): {os.path.dirname(os.path.dirname(paths[plans[0].local_rank]))}'
+              '/<local rank>/{stdout,stderr}.log', file=sys.stderr)
     console = None
     if args.local_ranks_filter:
         local = parse_rank_selection(args.local_ranks_filter) or set()
         console = {p.rank for p in plans if p.local_rank in local}
     try:
         return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
-                         grace_period=args.grace_period)
+                         grace_period=args.grace_period, prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX)
     finally:
         error_files.finish()
 
@@ -303,5 +401,4 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
 if __name__ == '__main__':  # `python -m dslaunch.torch_launch ...`, like `python -m torch.distributed.launch`
     from dslaunch.cli import main as _cli_main
 
-    sys.argv[1:1] = ['--nproc-per-node', '1']  # torch's default; a later --nproc-per-node wins
-    _cli_main()
+    _cli_main(torch_cli=True)

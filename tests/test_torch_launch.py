@@ -292,12 +292,13 @@ def _rank_lines(text: str) -> list[str]:
     return sorted(ln for ln in text.splitlines() if ln.startswith('[default'))
 
 
-@pytest.mark.parametrize('flags', [['--tee', '3'], ['--redirects', '3'], ['-r', '3', '-t', '2'],
+@pytest.mark.parametrize('flags', [['--tee', '3'], ['--redirects', '3'], ['-r', '3', '-t', '2'], ['--tee', '0:3'],
                                    ['--redirects', '0:3,1:1', '--tee', '1:2']])
 def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[str]) -> None:
     """What reaches the console (with torch's `[<role><local rank>]:` prefix) and which
     `stdout.log`/`stderr.log` files are written, compared with torch's own torchrun on the same
-    command line."""
+    command line. (Under `--tee 0:3` torch shows worker 1's lines bare, dslaunch with worker 1's
+    prefix: the prefix is per worker here, documented.)"""
     script = tmp_path / 'both.py'
     script.write_text(BOTH_STREAMS)
     got = {}
@@ -308,6 +309,11 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
                             module=module)
         assert proc.returncode == 0, proc.stderr
         got[module] = (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
+    if flags == ['--tee', '0:3']:
+        ours = got['dslaunch.torch_launch']
+        assert ('[default1]:out 1' in ours[0], '[default1]:err 1' in ours[1]) == (True, True)
+        got['dslaunch.torch_launch'] = ([ln for ln in ours[0] if ln.startswith('[default0]')],
+                                        [ln for ln in ours[1] if ln.startswith('[default0]')], ours[2])
     assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
     assert got['dslaunch.torch_launch'][2], 'some stream was logged'
 

@@ -224,6 +224,8 @@ def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int]
     """Applies --redirects/--tee (`std_streams`) to the plans: the streams redirected and not tee'd
     are kept off the console, each redirected or tee'd stream is written to `stdout.log`/`stderr.log`
     beside the worker's error file, as torchrun lays them out. False when no stream is logged."""
+    if not any(redirects) and not any(tee):
+        return False
     for p in plans:
         logged, hidden = redirects[p.local_rank] | tee[p.local_rank], redirects[p.local_rank] & ~tee[p.local_rank]
         p.console = {0: True, 1: 'stderr', 2: 'stdout', 3: False}[hidden]  # type: ignore[assignment]
@@ -231,8 +233,10 @@ def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int]
             where = os.path.dirname(error_files[p.local_rank])
             p.stream_logs = (os.path.join(where, 'stdout.log') if logged & 1 else None,
                              os.path.join(where, 'stderr.log') if logged & 2 else None)
-            p.log_name = None  # torch's files, not dslaunch's `<stamp>_rank<R>.log`
-    return any(p.stream_logs for p in plans)
+        # torch's files only, for every worker: a `<stamp>_rank<R>.log` of both streams would make
+        # the job merge stderr into stdout, and the per-stream files could not be told apart
+        p.log_name = None
+    return True
 
 
 def substitute_local_rank(words: Sequence[str], local_rank: int) -> list[str]:

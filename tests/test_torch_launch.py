@@ -121,8 +121,12 @@ def test_static_rendezvous_endpoint_gives_master_addr_and_port(tmp_path: Path) -
 
 
 @pytest.mark.parametrize('args, needle', [
-    (['--rdzv-backend', 'c10d', '--nnodes', '2', '--nproc-per-node', '1'], 'only the static rendezvous'),
-    (['--nnodes', '1:2', '--nproc-per-node', '1'], 'only a fixed node count'),
+    (['--rdzv-backend', 'etcd', '--nnodes', '2', '--nproc-per-node', '1'], 'elastic jobs here use the c10d rendezvous'),
+    (['--nnodes', '2:1', '--nproc-per-node', '1'], 'the maximum is below the minimum'),
+    (['--nnodes', '1:x', '--nproc-per-node', '1'], 'expected a node count N or a range MIN:MAX'),
+    (['--nnodes', '1:2', '--tee', '3', '--nproc-per-node', '1'], 'not supported with an elastic job'),
+    (['--nnodes', '1:2', '--rdzv-endpoint', 'localhost:0', '--nproc-per-node', '1'], 'port 0 only works for one node'),
+    (['--max-restarts', '1', '--rdzv-conf', 'join_timeout=soon', '--nproc-per-node', '1'], 'join_timeout must be'),
     (['--rdzv-endpoint', 'nohostport', '--nproc-per-node', '1'], 'expected HOST:PORT'),
 ])
 def test_unsupported_rendezvous_is_one_error_line(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -356,3 +360,68 @@ def test_bad_redirects_or_tee_is_one_error_line(flags: list[str]) -> None:
     assert proc.returncode == 1  # checked before the script (which does not exist here)
     option = {'-r': '--redirects', '-t': '--tee'}.get(flags[0], flags[0])
     assert f'{option} {flags[1]!r}: expected 0-3' in one_error_line(proc)
+
+
+ELASTIC_QUICK = ['--rdzv-conf', "'join_timeout=60,last_call_timeout=1,timeout=5'"]  # quoted, with etcd's key: as torch's tests
+
+
+def test_a_node_range_runs_under_the_elastic_agent(tmp_path: Path) -> None:
+    """torchrun's `--nnodes 1:2` with a c10d rendezvous (torch's test_launch_elastic): one node
+    forms the job after the last call; the workers get torchelastic's variables from the round."""
+    proc = dslaunch('--use-env', '--nnodes', '1:2', '--nproc-per-node', '2', '--rdzv-backend', 'c10d',
+                    '--rdzv-endpoint', f'localhost:{free_port()}', '--rdzv-id', 'job9', '--role', 'trainer',
+                    *ELASTIC_QUICK, DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "joining rendezvous 'job9'" in proc.stderr and '1 to 2 nodes' in proc.stderr
+    envs = [r['env'] for r in _ranks(tmp_path, 2)]
+    assert [(e['RANK'], e['LOCAL_RANK'], e['WORLD_SIZE'], e['GROUP_RANK']) for e in envs] == \
+        [('0', '0', '2', '0'), ('1', '1', '2', '0')]
+    assert {(e['ROLE_NAME'], e['TORCHELASTIC_RUN_ID'], e['TORCHELASTIC_USE_AGENT_STORE']) for e in envs} == \
+        {('trainer', 'job9', 'False')}
+
+
+def test_a_c10d_rendezvous_across_nodes_forms_one_world(tmp_path: Path) -> None:
+    """`--nnodes 2 --rdzv-backend c10d --rdzv-endpoint H:P` on each node, the usual torchrun
+    multi-node line (here two agents on one host): one world of 4, each node its group rank."""
+    port = free_port()
+    args = ['--nnodes', '2', '--nproc-per-node', '2', '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{port}',
+            '--rdzv-id', 'two', DUMP, 'x']
+    env = {**{k: v for k, v in os.environ.items() if k != 'CUDA_VISIBLE_DEVICES'}, 'DUMP_DIR': str(tmp_path)}
+    from test_cli_e2e import DSLAUNCH
+
+    agents = [subprocess.Popen([DSLAUNCH, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL) for _ in range(2)]
+    outs = [a.communicate(timeout=120) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs
+    got = _ranks(tmp_path, 4)
+    assert sorted(r['env']['RANK'] for r in got) == ['0', '1', '2', '3']
+    assert {r['env']['WORLD_SIZE'] for r in got} == {'4'}
+    assert sorted(r['env']['GROUP_RANK'] for r in got) == ['0', '0', '1', '1']
+    assert {r['env']['MASTER_ADDR'] + ':' + r['env']['MASTER_PORT'] for r in got}.__len__() == 1  # one rank 0 store
+    assert sorted(r['argv'][0] for r in got) == ['--local-rank=0', '--local-rank=0', '--local-rank=1', '--local-rank=1']
+
+
+def test_max_restarts_restarts_the_workers(tmp_path: Path) -> None:
+    script = tmp_path / 'flaky.py'
+    script.write_text('import os, sys\nn = os.environ["TORCHELASTIC_RESTART_COUNT"]\n'
+                      'print("attempt", n, "rank", os.environ["RANK"], flush=True)\n'
+                      'sys.exit(3 if n == "0" and os.environ["RANK"] == "1" else 0)\n')
+    proc = dslaunch('--use-env', '--nproc-per-node', '2', '--max-restarts', '2', str(script))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert '[1]: attempt 0 rank 1' in lines and {'[0]: attempt 1 rank 0', '[1]: attempt 1 rank 1'} <= set(lines)
+    assert 'restarting the ranks (restart 1 of 2)' in proc.stderr
+    assert re.search(r"joining rendezvous '[0-9a-f-]{36}' at 127\.0\.0\.1:\d+ \(1 to 1 nodes", proc.stderr), proc.stderr
+    once = dslaunch('--use-env', '--nproc-per-node', '2', '--nnodes', '1:2', '--rdzv-backend', 'c10d',
+                    '--rdzv-endpoint', f'localhost:{free_port()}', *ELASTIC_QUICK, str(script))
+    assert once.returncode == 3, once.stderr  # --max-restarts 0 (torchrun's default): the rank's own status
+
+
+def test_elastic_dry_run_names_the_rendezvous(tmp_path: Path) -> None:
+    proc = dslaunch('--nnodes', '1:4', '--nproc-per-node', '2', '--rdzv-endpoint', 'h1', '--rdzv-backend', 'c10d',
+                    '--max-restarts', '1', '--dry_run', DUMP)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "# elastic: rendezvous 'none' at h1:29400, 1 to 4 nodes, 1 restart(s); RANK, WORLD_SIZE, " \
+                       'MASTER_ADDR/PORT, ... come from each round'
+    assert lines[1:] == [f'{sys.executable} -u {DUMP} --local-rank=0', f'{sys.executable} -u {DUMP} --local-rank=1']

@@ -44,10 +44,12 @@ __all__ = [
     'DEFAULT_RUN_ID',
     'RUN_ID_ENV',
     'ElasticConfig',
+    'Node',
     'launch_flags',
     'parse_rdzv_conf',
     'resolve',
     'run',
+    'run_node',
     'worker_env',
 ]
 
@@ -185,6 +187,7 @@ def worker_env(
     run_id: str,
     use_agent_store: bool,
     environ: Mapping[str, str],
+    role: str = ROLE,
 ) -> dict[str, str]:
     """One rank's variables for one rendezvous round: DeepSpeed's (with the node's place in this
     round as CROSS_RANK/CROSS_SIZE) and torchelastic's. ``static`` holds what does not change
@@ -204,7 +207,7 @@ def worker_env(
             # torchelastic's (LocalElasticAgent._start_workers)
             'GROUP_RANK': str(group_rank),
             'ROLE_RANK': str(role_rank),
-            'ROLE_NAME': ROLE,
+            'ROLE_NAME': role,
             'LOCAL_WORLD_SIZE': str(local_world_size),
             'GROUP_WORLD_SIZE': str(group_world_size),
             'ROLE_WORLD_SIZE': str(role_world_size),
@@ -277,7 +280,7 @@ def _signal_exception(sig: int) -> BaseException:
 
 
 @dataclass
-class _Node:
+class Node:
     """This node's fixed part of every round (argv and static variables per local rank)."""
 
     argv: list[list[str]]
@@ -295,6 +298,9 @@ class _Node:
     hang_timeout: float = 0.0
     hang_action: str = 'stop'
     error_files: Any = None  # dslaunch.error_files.ErrorFiles: the ranks' TORCHELASTIC_ERROR_FILE
+    role: str = ROLE  # the workers' ROLE_NAME (torchrun's --role)
+    console_local_ranks: set[int] | None = None  # torchrun's --local-ranks-filter
+    prefix: str = '[{tag}]: '  # the console prefix template (torchrun's --log-line-prefix-template)
 
     def info(self, text: str) -> None:
         if not self.quiet:
@@ -314,7 +320,7 @@ class _SupervisedAgentMixin:
 
     _remaining_restarts: int  # SimpleElasticAgent's
 
-    def __init__(self, spec: Any, node: _Node) -> None:
+    def __init__(self, spec: Any, node: Node) -> None:
         from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
 
         init: Any = SimpleElasticAgent.__init__
@@ -385,14 +391,17 @@ class _SupervisedAgentMixin:
                 run_id=spec.rdzv_handler.get_run_id(),
                 use_agent_store=bool(spec.rdzv_handler.use_agent_store),
                 environ=node.base_env,
+                role=node.role,
             )
             if w.local_rank in self.error_paths:
                 env['TORCHELASTIC_ERROR_FILE'] = self.error_paths[w.local_rank]
             log = self._log_name(stamp, w.global_rank)
             specs.append(_core.RankSpec(node.argv[w.local_rank], env=env, log_file=log, tag=str(w.global_rank)))
         shown = None
-        if node.console_ranks is not None:
-            shown = [i for i, w in enumerate(worker_group.workers) if w.global_rank in node.console_ranks]
+        if node.console_ranks is not None or node.console_local_ranks is not None:
+            shown = [i for i, w in enumerate(worker_group.workers)
+                     if w.global_rank in (node.console_ranks if node.console_ranks is not None else {w.global_rank})
+                     and w.local_rank in (node.console_local_ranks if node.console_local_ranks is not None else {w.local_rank})]
         # Per-rank log files keep the order a rank wrote stdout and stderr in: one pipe for both.
         merged = any(s.log_file for s in specs)
         self.tail_of = 'output' if merged else 'stderr'
@@ -405,7 +414,7 @@ class _SupervisedAgentMixin:
         sup = _core.Supervisor(
             specs,
             env=node.base_env,
-            prefix=None if node.raw_output else '[{tag}]: ',
+            prefix=None if node.raw_output else node.prefix,
             console_ranks=shown,
             grace_period=node.grace,
             forward_signals=[],  # the agent's own handler decides (on_signal)
@@ -547,7 +556,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """
     from dslaunch import launch
     from dslaunch.channel_vars import REPORT_TO_ENV, TOKEN_ENV
-    from dslaunch.launch_run import PidFile, check_script, parse_rank_selection
+    from dslaunch.launch_run import check_script, parse_rank_selection
     from dslaunch.torch_launch import substitute_local_rank
 
     base_env = dict(environ)
@@ -567,7 +576,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if log_dir != 'None':
         launch.ensure_rank_log_dir(log_dir)
     quiet = args.quiet or args.log_level in ('warning', 'error', 'critical')
-    node = _Node(
+    node = Node(
         argv=[substitute_local_rank(p.argv, p.local_rank) for p in plans],
         static_env=[{k: v for k, v in p.env_overrides.items() if k not in _PER_ROUND} for p in plans],
         base_env=base_env,
@@ -582,13 +591,23 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         hang_timeout=getattr(args, 'hang_timeout', 0.0) or 0.0,
         hang_action=getattr(args, 'hang_action', 'stop'),
     )
+    return run_node(cfg, node, args, report_to, token)
+
+
+def run_node(cfg: ElasticConfig, node: Node, args: argparse.Namespace, report_to: str | None = None,
+             token: str | None = None) -> int:
+    """This node's elastic agent for `cfg`, running `node`'s ranks each round: what `run` does
+    once DeepSpeed's arguments are resolved (the torch front end's elastic jobs come here too).
+    `args` gives `log_level`, `node_rank`, `master_addr` (the rendezvous host), and optionally
+    `save_pid` and `report_json`. The status as `run`'s."""
     if args.log_level != 'debug':
         # c10d logs each failed store connection with a C++ backtrace; the failure reaches the
         # user as one line instead. Read by torch at import; the ranks' environment is already set.
         os.environ.setdefault('TORCH_CPP_LOG_LEVEL', 'FATAL')
     _import_torch_elastic()
-    _quiet_torch_logs('error' if quiet else args.log_level)
+    _quiet_torch_logs('error' if node.quiet else args.log_level)
     from dslaunch.error_files import ErrorFiles
+    from dslaunch.launch_run import PidFile
 
     node.error_files = ErrorFiles(node.log_dir, cfg.run_id)
     try:
@@ -664,7 +683,7 @@ def _raise_stop(signum: int, _frame: object) -> None:
 
 
 def _run_agent(
-    cfg: ElasticConfig, node: _Node, args: argparse.Namespace, report_to: str | None, token: str | None
+    cfg: ElasticConfig, node: Node, args: argparse.Namespace, report_to: str | None, token: str | None
 ) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -686,7 +705,7 @@ def _run_agent(
         client = _connect_runner(report_to, token, args.node_rank or 0)
         handler = _rendezvous_handler(cfg, str(args.master_addr))
         spec = WorkerSpec(
-            role=ROLE,
+            role=node.role,
             local_world_size=len(node.argv),
             rdzv_handler=handler,
             entrypoint=node.argv[0][0],
@@ -739,7 +758,7 @@ def _outcome(agent: Any, cfg: ElasticConfig, client: Any) -> int:
 
     where = f"elastic rendezvous '{cfg.run_id}' at {cfg.endpoint}"
     try:
-        result = agent.run(ROLE)
+        result = agent.run(agent.node.role)
     except RendezvousTimeoutError:
         raise DslaunchError(
             f'the {where} did not form within {cfg.join_timeout} s '

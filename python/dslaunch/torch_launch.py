@@ -3,9 +3,10 @@
 Scripts written for `torch.distributed.launch` run unchanged: each worker gets torchrun's
 environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_RANK, MASTER_ADDR,
 MASTER_PORT, ...) plus DeepSpeed's (LOCAL_SIZE, CROSS_RANK, CROSS_SIZE), and `--local-rank=N`
-before its own arguments unless `--use-env` is given, as torch.distributed.launch does. Only the
-static rendezvous is supported here (fixed `--nnodes`, one launcher per node with
-`--node-rank`); elastic ranges belong to `--elastic_training`.
+before its own arguments unless `--use-env` is given, as torch.distributed.launch does. A fixed
+`--nnodes` with the static rendezvous (one launcher per node with `--node-rank`) runs as a plain
+dslaunch job; what needs torchrun's elastic agent (`--nnodes MIN:MAX`, `--max-restarts`, a c10d
+rendezvous across nodes) runs under dslaunch's (`dslaunch.elastic`), with torch's c10d rendezvous.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from dslaunch.errors import UsageError
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dslaunch.elastic import ElasticConfig
     from dslaunch.launch import RankPlan
 
 #: Options that only torch's launchers have (torch 2.15's torchrun, plus torch.distributed.launch's
@@ -249,19 +253,104 @@ def substitute_local_rank(words: Sequence[str], local_rank: int) -> list[str]:
     return [Template(w).safe_substitute(local_rank=str(local_rank)) for w in words]
 
 
-def fixed_nnodes(spec: object) -> int:
-    """`--nnodes N` or `N:N` as a number; a range or anything else is a UsageError."""
+def node_range(spec: object) -> tuple[int, int]:
+    """`--nnodes N`, `N:N` or `MIN:MAX` as (MIN, MAX); anything else is a UsageError."""
     try:
-        lo, _, hi = str(spec).partition(':')
-        nnodes = int(lo)
-        if hi and int(hi) != nnodes:
-            raise ValueError(spec)
+        lo, sep, hi = str(spec).partition(':')
+        low = int(lo)
+        high = int(hi) if sep else low
     except ValueError:
-        raise UsageError(f'--nnodes {spec!r}: only a fixed node count is supported here; '
-                         'use --elastic_training with --min_elastic_nodes/--max_elastic_nodes for ranges') from None
-    if nnodes < 1:
+        raise UsageError(f'--nnodes {spec!r}: expected a node count N or a range MIN:MAX') from None
+    if low < 1:
         raise UsageError(f'--nnodes must be at least 1, got {spec}')
-    return nnodes
+    if high < low:
+        raise UsageError(f'--nnodes {spec}: the maximum is below the minimum')
+    return low, high
+
+
+def fixed_nnodes(spec: object) -> int:
+    """`--nnodes N` or `N:N` as a number (the static rendezvous); a range is a UsageError."""
+    low, high = node_range(spec)
+    if high != low:
+        raise UsageError(f'--nnodes {spec}: a range needs the elastic agent (a c10d rendezvous), not a fixed world')
+    return low
+
+
+def is_elastic(args: argparse.Namespace) -> bool:
+    """Whether torchrun would need its elastic agent: a node range, restarts, or a dynamic
+    rendezvous across nodes (on one node, a dynamic rendezvous is a standalone job)."""
+    low, high = node_range(args.nnodes)
+    dynamic = args.rdzv_backend != 'static' and not args.standalone
+    return low != high or args.max_restarts != 0 or (dynamic and high > 1)
+
+
+def elastic_config(args: argparse.Namespace, free_port: Callable[[], int]) -> ElasticConfig:
+    """torchrun's elastic settings, for dslaunch's elastic agent (which runs torch's c10d
+    rendezvous): the endpoint (`--rdzv-endpoint`, port 29400 by default as torch's; under the
+    static backend `--master-addr:--master-port`), `--nnodes MIN:MAX`, `--rdzv-id`,
+    `--max-restarts` and the `--rdzv-conf` keys of the c10d rendezvous."""
+    from dslaunch.elastic import ElasticConfig, parse_rdzv_conf
+
+    low, high = (1, 1) if args.standalone else node_range(args.nnodes)
+    if args.rdzv_backend.startswith('etcd'):
+        raise UsageError(f'--rdzv-backend {args.rdzv_backend}: elastic jobs here use the c10d rendezvous')
+    if args.redirects != '0' or args.tee != '0':
+        raise UsageError('--redirects/--tee are not supported with an elastic job (--nnodes MIN:MAX, --max-restarts, '
+                         'or c10d across nodes): the output reaches the console, and --log-dir writes per-rank files')
+    if args.max_restarts < 0:
+        raise UsageError(f'--max-restarts must be >= 0, got {args.max_restarts}')
+    nothing_named = args.rdzv_backend == 'static' and not args.rdzv_endpoint and args.master_port is None
+    if args.standalone or (high == 1 and nothing_named):  # torchrun: a local c10d rendezvous on a free port
+        host, port = '127.0.0.1', '0'
+    elif args.rdzv_endpoint:
+        host, sep, port = args.rdzv_endpoint.rpartition(':')
+        if not sep or ']' in port:  # no port given (an IPv6 address in brackets has colons of its own)
+            host, port = args.rdzv_endpoint, '29400'
+    elif args.rdzv_backend == 'static':
+        host, port = args.master_addr, str(args.master_port if args.master_port is not None else 29500)
+    else:
+        host, port = 'localhost', '29400'
+    host = host.strip('[]')
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f'--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT')
+    if int(port) == 0:
+        if high > 1:
+            raise UsageError('the rendezvous port 0 only works for one node: give the other nodes a port to reach')
+        port = str(free_port())
+    # torch's c10d handler ignores keys it does not know (`timeout` is etcd's): so does this; a
+    # value in quotes, as some scripts pass it, is taken without them
+    text = (args.rdzv_conf or '').strip().strip('\'"')
+    known = ','.join(kv for kv in text.split(',') if kv.split('=', 1)[0].strip() not in ('timeout', ''))
+    conf = {'join_timeout': '600', 'read_timeout': '60'}  # torch's c10d defaults
+    conf.update(parse_rdzv_conf(known))
+    run_id = torch_run_id(args.rdzv_id, standalone=args.standalone, rdzv_backend=args.rdzv_backend,
+                          rdzv_endpoint=args.rdzv_endpoint, master_port=args.master_port, one_node=high == 1)
+    return ElasticConfig(run_id=run_id, endpoint=f'{host}:{port}', min_nodes=low, max_nodes=high,
+                         max_restarts=args.max_restarts, rdzv_conf=conf)
+
+
+def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: ElasticConfig) -> int:
+    """This node's elastic agent (`dslaunch.elastic`) for torchrun's elastic command lines: each
+    rendezvous round gives the workers their RANK, WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT, ...;
+    `plans` give the rest (argv with `--local-rank`, OMP_NUM_THREADS, ...)."""
+    from dslaunch import elastic
+    from dslaunch.launch_run import DEFAULT_PREFIX, parse_rank_selection
+
+    node = elastic.Node(
+        argv=[p.argv for p in plans],
+        static_env=[dict(p.env_overrides) for p in plans],  # the per-round variables are set over these
+        base_env=dict(os.environ),
+        grace=args.grace_period,
+        raw_output=args.raw_output,
+        console_ranks=None,
+        console_local_ranks=parse_rank_selection(args.local_ranks_filter) if args.local_ranks_filter else None,
+        log_dir=args.log_dir,
+        quiet=False,
+        role=args.role,
+        prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX,
+    )
+    host = cfg.endpoint.rpartition(':')[0]
+    return elastic.run_node(cfg, node, argparse.Namespace(log_level='info', node_rank=None, master_addr=host))
 
 
 def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: str = 'none') -> list[RankPlan]:
@@ -331,18 +420,16 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     from dslaunch.probes import SystemProbes
 
     args = build_parser(prog).parse_args(list(argv))
+    if args.rdzv_backend not in ('static', 'c10d', 'etcd', 'etcd-v2'):
+        raise UsageError(f'--rdzv-backend {args.rdzv_backend!r}: not a rendezvous backend (static, c10d, etcd, etcd-v2)')
+    if is_elastic(args):
+        return _elastic_main(args)
     asked_standalone = args.standalone
     given_backend, given_endpoint, given_port = args.rdzv_backend, args.rdzv_endpoint, args.master_port
     probes = SystemProbes()
     one_node = fixed_nnodes(args.nnodes) == 1
-    if args.rdzv_backend not in ('static', 'c10d', 'etcd', 'etcd-v2'):
-        raise UsageError(f'--rdzv-backend {args.rdzv_backend!r}: not a rendezvous backend (static, c10d, etcd, etcd-v2)')
     if args.rdzv_backend != 'static' and not args.standalone:
-        if not one_node:
-            raise UsageError(f'--rdzv-backend {args.rdzv_backend}: only the static rendezvous is supported here; '
-                             'give each node --node-rank, --master-addr and --master-port, '
-                             'or use --elastic_training')
-        args.standalone = True  # one node: what torchrun's c10d on localhost amounts to
+        args.standalone = True  # one node (is_elastic: not several): what torchrun's c10d on localhost amounts to
     if args.rdzv_endpoint and not args.standalone:
         host, _, port = args.rdzv_endpoint.rpartition(':')
         if not host or not port.isdigit():
@@ -357,8 +444,6 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         args.master_port = 29500
     if not 0 <= args.master_port <= 65535:
         raise UsageError(f'--master-port {args.master_port} is not a port number (0-65535)')
-    if args.max_restarts:
-        raise UsageError('--max-restarts needs the elastic agent: use --elastic_training')
     python = os.environ.get('PYTHON_EXEC', sys.executable)  # torchrun's override of the workers' interpreter
     run_id = torch_run_id(args.rdzv_id, standalone=asked_standalone, rdzv_backend=given_backend,
                           rdzv_endpoint=given_endpoint, master_port=given_port, one_node=one_node)
@@ -371,7 +456,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
             print(f'{env} {shlex.join(p.argv)}')
         return 0
     args.training_script_args = list(args.training_script_args)
-    check_script(argparse.Namespace(no_python=args.no_python, module=args.module,
+    check_script(argparse.Namespace(no_python=args.no_python and not args.run_path, module=args.module,
                                     training_script=args.training_script))
     if args.node_rank == 0 and args.master_addr in ('127.0.0.1', 'localhost') and \
             not probes.port_free(args.master_addr, args.master_port):
@@ -400,6 +485,33 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
                          grace_period=args.grace_period, prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX)
     finally:
         error_files.finish()
+
+
+def _elastic_main(args: argparse.Namespace) -> int:
+    import shlex
+    import time
+
+    from dslaunch.launch_run import check_script
+    from dslaunch.probes import SystemProbes
+
+    cfg = elastic_config(args, SystemProbes().free_port)
+    python = os.environ.get('PYTHON_EXEC', sys.executable)
+    # the node's workers as on a one-node world: every round sets their place in the job
+    one = argparse.Namespace(**{**vars(args), 'nnodes': '1', 'node_rank': 0, 'master_port': 0})
+    plans = plans_for(one, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=cfg.run_id)
+    if args.dry_run:
+        print(f"# elastic: rendezvous '{cfg.run_id}' at {cfg.endpoint}, {cfg.min_nodes} to {cfg.max_nodes} nodes, "
+              f'{cfg.max_restarts} restart(s); RANK, WORLD_SIZE, MASTER_ADDR/PORT, ... come from each round')
+        for p in plans:
+            print(shlex.join(p.argv))
+        return 0
+    check_script(argparse.Namespace(no_python=args.no_python and not args.run_path, module=args.module,
+                                    training_script=args.training_script))
+    if args.log_dir:
+        from dslaunch.launch import ensure_rank_log_dir
+
+        ensure_rank_log_dir(args.log_dir)
+    return run_elastic(args, plans, cfg)
 
 
 if __name__ == '__main__':  # `python -m dslaunch.torch_launch ...`, like `python -m torch.distributed.launch`

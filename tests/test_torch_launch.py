@@ -425,3 +425,13 @@ def test_elastic_dry_run_names_the_rendezvous(tmp_path: Path) -> None:
     assert lines[0] == "# elastic: rendezvous 'none' at h1:29400, 1 to 4 nodes, 1 restart(s); RANK, WORLD_SIZE, " \
                        'MASTER_ADDR/PORT, ... come from each round'
     assert lines[1:] == [f'{sys.executable} -u {DUMP} --local-rank=0', f'{sys.executable} -u {DUMP} --local-rank=1']
+
+
+def test_an_elastic_line_without_torch_is_one_error_line(tmp_path: Path) -> None:
+    fake = tmp_path / 'torch'
+    fake.mkdir()
+    (fake / '__init__.py').write_text("raise ImportError('no torch here')\n")
+    proc = dslaunch('--nnodes', '1:2', '--nproc-per-node', '1', '--rdzv-endpoint', f'localhost:{free_port()}', DUMP,
+                    env={'PYTHONPATH': str(tmp_path), 'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 1
+    assert "torchrun options: --nnodes MIN:MAX, --max-restarts, c10d) needs torch" in one_error_line(proc)

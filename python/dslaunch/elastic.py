@@ -252,7 +252,8 @@ def _import_torch_elastic() -> None:
     try:
         import torch.distributed.elastic.agent.server.api  # noqa: F401
     except ImportError as e:
-        raise DslaunchError(f'--enable_elastic_training needs torch with torch.distributed.elastic: {e}') from None
+        raise DslaunchError('elastic training (--enable_elastic_training, or torchrun options: --nnodes MIN:MAX, '
+                            f'--max-restarts, c10d) needs torch with torch.distributed.elastic: {e}') from None
 
 
 def _quiet_torch_logs(level: str) -> None:

@@ -434,4 +434,4 @@ def test_an_elastic_line_without_torch_is_one_error_line(tmp_path: Path) -> None
     proc = dslaunch('--nnodes', '1:2', '--nproc-per-node', '1', '--rdzv-endpoint', f'localhost:{free_port()}', DUMP,
                     env={'PYTHONPATH': str(tmp_path), 'DUMP_DIR': str(tmp_path)})
     assert proc.returncode == 1
-    assert "torchrun options: --nnodes MIN:MAX, --max-restarts, c10d) needs torch" in one_error_line(proc)
+    assert 'torchrun options: --nnodes MIN:MAX, --max-restarts, c10d) needs torch' in one_error_line(proc)

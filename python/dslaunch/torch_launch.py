@@ -21,6 +21,7 @@ from dslaunch.errors import UsageError
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Literal
 
     from dslaunch.elastic import ElasticConfig
     from dslaunch.launch import RankPlan
@@ -187,11 +188,13 @@ def std_streams(spec: str, nproc: int, option: str) -> list[int]:
     """torchrun's --redirects/--tee value, per local rank: one of 0-3 for every worker (1 stdout,
     2 stderr, 3 both), or `local_rank:value,...` (workers not named: 0; ones beyond --nproc-per-node
     ignored, as torch)."""
+    bad = UsageError(f'{option} {spec!r}: expected 0-3 (1 stdout, 2 stderr, 3 both) or local_rank:value,... '
+                     'e.g. 0:3,1:2')
+
     def value(v: str) -> int:
         if v.strip() in ('0', '1', '2', '3'):
             return int(v)
-        raise UsageError(f'{option} {spec!r}: expected 0-3 (1 stdout, 2 stderr, 3 both) or local_rank:value,... '
-                         'e.g. 0:3,1:2')
+        raise bad
 
     if ':' not in spec:
         return [value(spec)] * nproc
@@ -199,7 +202,7 @@ def std_streams(spec: str, nproc: int, option: str) -> list[int]:
     for item in spec.split(','):
         local, _, v = item.partition(':')
         if not local.strip().isdigit():
-            value('')  # the usage error
+            raise bad
         if int(local) < nproc:
             streams[int(local)] = value(v)
         else:
@@ -224,6 +227,10 @@ def prefix_template(args: argparse.Namespace, environ: Mapping[str, str]) -> str
                                               hostname=socket.gethostname())
 
 
+#: A worker's console, by its streams kept off it (1 stdout, 2 stderr): `_core.RankSpec`'s `console`.
+_SHOWN_UNLESS_HIDDEN: dict[int, bool | Literal['stdout', 'stderr']] = {0: True, 1: 'stderr', 2: 'stdout', 3: False}
+
+
 def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int], error_files: dict[int, str]) -> bool:
     """Applies --redirects/--tee (`std_streams`) to the plans: the streams redirected and not tee'd
     are kept off the console, each redirected or tee'd stream is written to `stdout.log`/`stderr.log`
@@ -232,7 +239,7 @@ def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int]
         return False
     for p in plans:
         logged, hidden = redirects[p.local_rank] | tee[p.local_rank], redirects[p.local_rank] & ~tee[p.local_rank]
-        p.console = {0: True, 1: 'stderr', 2: 'stdout', 3: False}[hidden]  # type: ignore[assignment]
+        p.console = _SHOWN_UNLESS_HIDDEN[hidden]
         if logged:
             where = os.path.dirname(error_files[p.local_rank])
             p.stream_logs = (os.path.join(where, 'stdout.log') if logged & 1 else None,

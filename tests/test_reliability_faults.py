@@ -514,3 +514,20 @@ def test_full_log_disk_through_the_cli_is_a_warning_and_a_report_note(
     report_lines = [ln for ln in text.splitlines() if ln.startswith('dslaunch:') and 'write failed' not in ln]
     assert any('incomplete' in ln for ln in report_lines), report_lines
     assert_nothing_left(no_process_left_behind)
+
+
+def test_a_redirected_stream_comes_back_to_the_console_when_its_log_file_fails(tmp_path: Path,
+                                                                               small_tmpfs: Path) -> None:
+    """torchrun's `--redirects 2` at the core: stderr goes only to its file; once the disk is full,
+    the rest of it reaches the console (the warning says so) instead of being lost."""
+    from dslaunch import _core
+
+    code = 'import sys\nfor i in range(4000): print(f"line {i:05d} " + "x" * 60, file=sys.stderr)\nprint("out")'
+    spec = _core.RankSpec([sys.executable, '-c', code], console='stdout', stderr_log_file=small_tmpfs / 'stderr.log')
+    out, err = tmp_path / 'out', tmp_path / 'err'
+    with open(out, 'wb') as o, open(err, 'wb') as e:
+        report = _core.Supervisor([spec], stdout_fd=o.fileno(), stderr_fd=e.fileno()).run()
+    assert report.returncode == 0 and report.ranks[0].log_error
+    text = err.read_text()
+    assert 'stderr.log write failed' in text and '[0]: line 03999 ' in text
+    assert out.read_text() == '[0]: out\n'

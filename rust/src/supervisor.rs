@@ -621,6 +621,9 @@ struct LiveRank {
     pidfd: Option<OwnedFd>,
     pid: i32,
     console: [bool; 2],
+    /// Whether the rank may use the console at all: its streams kept off it for their log files
+    /// (`quiet_*`) come back to it when those files fail.
+    console_allowed: bool,
     logs: RankLogs,
     info: RankInfo,
     dirty: bool,
@@ -735,6 +738,7 @@ impl Loop {
                 pidfd: Some(s.pidfd),
                 pid: s.pid,
                 console: [rc.console && !rc.quiet_stdout, rc.console && !rc.quiet_stderr],
+                console_allowed: rc.console,
                 logs: log,
                 info,
                 dirty: false,
@@ -992,6 +996,7 @@ impl Loop {
                     .map_or_else(|_| "(unknown path)".into(), |p| p.display().to_string());
                 rank.info.log_error = Some(e.to_string());
                 rank.logs.0 = [None, None]; // one warning: a full disk stops both files
+                rank.console = [rank.console_allowed; 2];
                 let msg = format!(
                     "dslaunch: rank {} log file {path} write failed ({e}); the file is incomplete, \
                      the rank's output goes on to the console only\n",

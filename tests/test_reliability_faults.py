@@ -531,3 +531,19 @@ def test_a_redirected_stream_comes_back_to_the_console_when_its_log_file_fails(t
     text = err.read_text()
     assert 'stderr.log write failed' in text and '[0]: line 03999 ' in text
     assert out.read_text() == '[0]: out\n'
+
+
+def test_a_console_reader_gone_before_the_first_line_does_not_end_the_job(tmp_path: Path) -> None:
+    """The launcher's own notes ('No GPUs found: ...') are the first lines on stdout: a reader that
+    is already gone when they are written (`| head -0`, or `head -1` between two notes) must not
+    end the job with a BrokenPipeError."""
+    script = tmp_path / 'prints.py'
+    script.write_text(_PRINTS_FOR_A_WHILE)
+    p = start_cli(['--num_gpus', '2', str(script), str(tmp_path)], cli_env(tmp_path, {}))
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before dslaunch writes anything
+    with p.stderr:
+        err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0, err
+    assert 'BrokenPipe' not in err and 'Traceback' not in err, err
+    assert all((tmp_path / f'rank{r}.done').exists() for r in range(2))

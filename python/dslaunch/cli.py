@@ -26,6 +26,20 @@ PROG = 'dslaunch'
 FORWARD_AFTER = 1.0
 
 
+def print_to_a_reader_that_may_leave(lines: Sequence[str]) -> None:
+    """Lines on stdout before the job, whose reader may already be gone (`dslaunch ... | head -1`):
+    the job still runs, as the core keeps running when the console's reader leaves; whatever
+    Python would print on stdout from then on is dropped (stdout becomes /dev/null), not a
+    BrokenPipeError."""
+    try:
+        sys.stdout.write(''.join(f'{line}\n' for line in lines))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def run_deepspeed_cli(argv: Sequence[str], prog: str = PROG) -> int:
     """`dslaunch [DeepSpeed runner flags] script args`: plan, then run locally or via a backend."""
     from dslaunch import runner
@@ -34,8 +48,7 @@ def run_deepspeed_cli(argv: Sequence[str], prog: str = PROG) -> int:
     args = runner.parse_args(list(argv), prog=prog)
     plan = runner.plan(args, os.environ, SystemProbes())
     if plan.args.log_level not in ('error', 'critical'):  # -q: errors only, as DeepSpeed's logger
-        for note in plan.notes:
-            print(note, flush=True)
+        print_to_a_reader_that_may_leave(plan.notes)
     if plan.mode == 'local':
         assert plan.argv is not None
         if args.dry_run:

@@ -51,7 +51,8 @@ def test_every_torchrun_option_with_its_value_selects_the_torch_cli(tmp_path: Pa
     assert {e['ROLE_NAME'] for e in envs} == {'trainer' if head[0] == '--role' else 'default'}
 
 
-@pytest.mark.parametrize('head', [['--duplicate-stdout-filters', 'loss'], ['--numa-binding', 'node'], ['--virtual-local-rank']])
+@pytest.mark.parametrize('head', [['--duplicate-stdout-filters', 'loss'], ['--numa-binding', 'node'],
+                                  ['--signals-to-handle', 'SIGUSR1']])
 def test_torchrun_options_not_supported_are_the_torch_front_ends_usage_error(head: list[str]) -> None:
     proc = dslaunch(*head, '--nproc-per-node', '2', 'train.py')
     assert proc.returncode == 2
@@ -435,3 +436,54 @@ def test_an_elastic_line_without_torch_is_one_error_line(tmp_path: Path) -> None
                     env={'PYTHONPATH': str(tmp_path), 'DUMP_DIR': str(tmp_path)})
     assert proc.returncode == 1
     assert 'torchrun options: --nnodes MIN:MAX, --max-restarts, c10d) needs torch' in one_error_line(proc)
+
+
+@pytest.mark.parametrize('parent', [None, '3,5'])
+def test_virtual_local_rank_as_torchrun_gives_it(tmp_path: Path, parent: str | None) -> None:
+    """--virtual-local-rank: every worker has LOCAL_RANK=0 and CUDA_VISIBLE_DEVICES naming only its
+    own device (its entry of the launcher's list, or its local rank), compared with torchrun."""
+    got = {}
+    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
+        out = tmp_path / module
+        out.mkdir()
+        use_env = ['--use-env'] if module.startswith('dslaunch') else []
+        env = {'DUMP_DIR': str(out), **({'CUDA_VISIBLE_DEVICES': parent} if parent else {})}
+        proc = torch_module(*use_env, '--nproc-per-node', '2', '--virtual-local-rank', DUMP, env=env, module=module)
+        assert proc.returncode == 0, proc.stderr
+        got[module] = [(r['env']['LOCAL_RANK'], r['env'].get('CUDA_VISIBLE_DEVICES')) for r in _ranks(out, 2)]
+    assert got['dslaunch.torch_launch'] == got['torch.distributed.run'] == \
+        ([('0', '3'), ('0', '5')] if parent else [('0', '0'), ('0', '1')])
+    if parent:
+        short = dslaunch('--nproc-per-node', '3', '--virtual-local-rank', DUMP, env={'CUDA_VISIBLE_DEVICES': parent})
+        assert 'local rank 2 has no device in CUDA_VISIBLE_DEVICES=3,5' in one_error_line(short)
+
+
+def test_shutdown_timeout_is_the_grace_period() -> None:
+    assert torch_launch.grace_of(_args(), {}) == 30.0
+    assert torch_launch.grace_of(_args(), {'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': '7'}) == 7.0
+    assert torch_launch.grace_of(_args(grace_period=2.5), {'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': '7'}) == 2.5
+    assert torch_launch.grace_of(_args(shutdown_timeout=1, grace_period=2.5), {}) == 1.0
+    with pytest.raises(UsageError, match='>= 0'):
+        torch_launch.grace_of(_args(), {'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': 'soon'})
+
+
+def test_a_worker_ignoring_sigterm_is_killed_after_the_shutdown_timeout(tmp_path: Path) -> None:
+    """Rank 0 fails, rank 1 ignores SIGTERM: with --shutdown-timeout 1 it is SIGKILLed after about a
+    second (not torch's default 30 s), and the job ends with rank 0's status."""
+    script = tmp_path / 'stubborn.py'
+    script.write_text('import os, signal, sys, time\n'
+                      'if os.environ["RANK"] == "0":\n    time.sleep(0.5); sys.exit(4)\n'
+                      'signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(120)\n')
+    proc = dslaunch('--use-env', '--nproc-per-node', '2', '--shutdown-timeout', '1', str(script), timeout=25)
+    assert proc.returncode == 4, proc.stderr
+    assert re.search(r'rank 1: killed by SIGKILL', proc.stderr), proc.stderr
+
+
+def test_local_addr_is_this_nodes_rendezvous_address(tmp_path: Path) -> None:
+    args = _args(nnodes='1:2', rdzv_backend='c10d', rdzv_endpoint='h1:29400', local_addr='10.0.0.7')
+    assert torch_launch.elastic_config(args, lambda: 0).local_addr == '10.0.0.7'
+    proc = dslaunch('--use-env', '--nnodes', '1:2', '--nproc-per-node', '1', '--rdzv-backend', 'c10d',
+                    '--rdzv-endpoint', f'localhost:{free_port()}', '--local-addr', '127.0.0.1', *ELASTIC_QUICK, DUMP,
+                    env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert _ranks(tmp_path, 1)[0]['env']['WORLD_SIZE'] == '1'

@@ -88,6 +88,7 @@ class ElasticConfig:
     max_nodes: int
     max_restarts: int
     rdzv_conf: dict[str, str] = field(default_factory=dict)  # torch rendezvous options
+    local_addr: str | None = None  # this node's address for the others (default: the one towards the endpoint)
 
     @property
     def join_timeout(self) -> int:
@@ -302,6 +303,7 @@ class Node:
     role: str = ROLE  # the workers' ROLE_NAME (torchrun's --role)
     console_local_ranks: set[int] | None = None  # torchrun's --local-ranks-filter
     prefix: str = '[{tag}]: '  # the console prefix template (torchrun's --log-line-prefix-template)
+    virtual_local_rank: bool = False  # torchrun's --virtual-local-rank: LOCAL_RANK=0 in every worker
 
     def info(self, text: str) -> None:
         if not self.quiet:
@@ -396,6 +398,8 @@ class _SupervisedAgentMixin:
             )
             if w.local_rank in self.error_paths:
                 env['TORCHELASTIC_ERROR_FILE'] = self.error_paths[w.local_rank]
+            if node.virtual_local_rank:
+                env['LOCAL_RANK'] = '0'  # its one device (CUDA_VISIBLE_DEVICES, in the static part) is device 0
             log = self._log_name(stamp, w.global_rank)
             specs.append(_core.RankSpec(node.argv[w.local_rank], env=env, log_file=log, tag=str(w.global_rank)))
         shown = None
@@ -656,7 +660,7 @@ def _rendezvous_handler(cfg: ElasticConfig, master_addr: str) -> Any:
         run_id=cfg.run_id,
         min_nodes=cfg.min_nodes,
         max_nodes=cfg.max_nodes,
-        local_addr=address_towards(master_addr),  # this node as the others reach it
+        local_addr=cfg.local_addr or address_towards(master_addr),  # this node as the others reach it
         **cfg.rdzv_conf,
     )
     try:

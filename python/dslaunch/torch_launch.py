@@ -122,8 +122,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument('--log-line-prefix-template', '--log_line_prefix_template', dest='log_line_prefix_template',
                    default='', help='console prefix with ${rank}, ${local_rank}, ${role_name}, ${hostname} '
                    '(default: $TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE; with --tee [${role_name}${local_rank}]:)')
+    p.add_argument('--shutdown-timeout', '--shutdown_timeout', dest='shutdown_timeout', type=int, default=None,
+                   help='seconds between SIGTERM and SIGKILL when workers are stopped (default: '
+                        '$TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30); the same as --grace_period')
+    p.add_argument('--local-addr', '--local_addr', dest='local_addr', default=None,
+                   help="this node's address for the other nodes, in an elastic job's rendezvous "
+                        '(default: the address that routes towards the rendezvous host)')
+    p.add_argument('--virtual-local-rank', '--virtual_local_rank', dest='virtual_local_rank', action='store_true',
+                   help='each worker sees only its own GPU, as device 0: LOCAL_RANK=0 and CUDA_VISIBLE_DEVICES '
+                        "= its entry of this process's list (or its local rank)")
     p.add_argument('--raw_output', action='store_true', help='no rank prefix on console lines')
-    p.add_argument('--grace_period', type=float, default=30.0)
+    p.add_argument('--grace_period', type=float, default=None, help="dslaunch's name for --shutdown-timeout")
     p.add_argument('--dry_run', action='store_true')
     p.add_argument('training_script')
     p.add_argument('training_script_args', nargs=argparse.REMAINDER)
@@ -182,6 +191,43 @@ def nproc_from(spec: str) -> int:
     if n > MAX_SLOTS_PER_HOST:  # `99999999999` would build the plans for minutes
         raise UsageError(f'--nproc-per-node {n} is more ranks per host than dslaunch launches ({MAX_SLOTS_PER_HOST})')
     return n
+
+
+def grace_of(args: argparse.Namespace, environ: Mapping[str, str]) -> float:
+    """Seconds from SIGTERM to SIGKILL for stopped workers: --shutdown-timeout, --grace_period,
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT (torch's), else 30."""
+    if args.shutdown_timeout is not None:
+        grace: object = args.shutdown_timeout
+    elif args.grace_period is not None:
+        grace = args.grace_period
+    else:
+        grace = environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', '30')
+    try:
+        seconds = float(grace)  # type: ignore[arg-type]
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise UsageError(f'the shutdown timeout must be a number of seconds >= 0, got {grace!r}')
+    return seconds
+
+
+def virtual_local_rank(plans: Sequence[RankPlan], environ: Mapping[str, str]) -> None:
+    """torchrun's --virtual-local-rank: each worker sees only its own GPU, as device 0 (LOCAL_RANK=0;
+    CUDA_VISIBLE_DEVICES, and HIP_VISIBLE_DEVICES where set, is this process's entry for its local
+    rank, or the local rank itself when none is set)."""
+    hip = environ.get('HIP_VISIBLE_DEVICES')
+    name, parent = ('HIP_VISIBLE_DEVICES', hip) if hip else ('CUDA_VISIBLE_DEVICES', environ.get('CUDA_VISIBLE_DEVICES'))
+    for p in plans:
+        if parent is None:
+            device = str(p.local_rank)
+        else:
+            devices = parent.split(',')
+            if p.local_rank >= len(devices):
+                raise UsageError(f'--virtual-local-rank: local rank {p.local_rank} has no device in {name}={parent}')
+            device = devices[p.local_rank].strip()
+        p.env_overrides.update({'LOCAL_RANK': '0', 'CUDA_VISIBLE_DEVICES': device})
+        if hip:
+            p.env_overrides['HIP_VISIBLE_DEVICES'] = device
 
 
 def std_streams(spec: str, nproc: int, option: str) -> list[int]:
@@ -333,7 +379,7 @@ def elastic_config(args: argparse.Namespace, free_port: Callable[[], int]) -> El
     run_id = torch_run_id(args.rdzv_id, standalone=args.standalone, rdzv_backend=args.rdzv_backend,
                           rdzv_endpoint=args.rdzv_endpoint, master_port=args.master_port, one_node=high == 1)
     return ElasticConfig(run_id=run_id, endpoint=f'{host}:{port}', min_nodes=low, max_nodes=high,
-                         max_restarts=args.max_restarts, rdzv_conf=conf)
+                         max_restarts=args.max_restarts, rdzv_conf=conf, local_addr=args.local_addr)
 
 
 def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: ElasticConfig) -> int:
@@ -347,7 +393,7 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
         argv=[p.argv for p in plans],
         static_env=[dict(p.env_overrides) for p in plans],  # the per-round variables are set over these
         base_env=dict(os.environ),
-        grace=args.grace_period,
+        grace=grace_of(args, os.environ),
         raw_output=args.raw_output,
         console_ranks=None,
         console_local_ranks=parse_rank_selection(args.local_ranks_filter) if args.local_ranks_filter else None,
@@ -355,6 +401,7 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
         quiet=False,
         role=args.role,
         prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX,
+        virtual_local_rank=args.virtual_local_rank,
     )
     host = cfg.endpoint.rpartition(':')[0]
     return elastic.run_node(cfg, node, argparse.Namespace(log_level='info', node_rank=None, master_addr=host))
@@ -400,6 +447,8 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: 
             env['OMP_NUM_THREADS'] = '1'  # torchrun's default, to keep N workers from oversubscribing
         log = os.path.join(args.log_dir, f'{log_stamp}_rank{rank}.log') if args.log_dir else None
         plans.append(RankPlan(rank=rank, local_rank=local, argv=argv, env_overrides=env, log_name=log))
+    if args.virtual_local_rank:
+        virtual_local_rank(plans, os.environ)
     return plans
 
 
@@ -451,6 +500,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         args.master_port = 29500
     if not 0 <= args.master_port <= 65535:
         raise UsageError(f'--master-port {args.master_port} is not a port number (0-65535)')
+    grace_of(args, os.environ)  # a bad timeout is one line before anything starts
     python = os.environ.get('PYTHON_EXEC', sys.executable)  # torchrun's override of the workers' interpreter
     run_id = torch_run_id(args.rdzv_id, standalone=asked_standalone, rdzv_backend=given_backend,
                           rdzv_endpoint=given_endpoint, master_port=given_port, one_node=one_node)
@@ -489,7 +539,8 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         console = {p.rank for p in plans if p.local_rank in local}
     try:
         return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
-                         grace_period=args.grace_period, prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX)
+                         grace_period=grace_of(args, os.environ),
+                         prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX)
     finally:
         error_files.finish()
 
@@ -502,6 +553,7 @@ def _elastic_main(args: argparse.Namespace) -> int:
     from dslaunch.probes import SystemProbes
 
     cfg = elastic_config(args, SystemProbes().free_port)
+    grace_of(args, os.environ)  # a bad timeout is one line before anything starts
     python = os.environ.get('PYTHON_EXEC', sys.executable)
     # the node's workers as on a one-node world: every round sets their place in the job
     one = argparse.Namespace(**{**vars(args), 'nnodes': '1', 'node_rank': 0, 'master_port': 0})

@@ -487,3 +487,21 @@ def test_local_addr_is_this_nodes_rendezvous_address(tmp_path: Path) -> None:
                     env={'DUMP_DIR': str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert _ranks(tmp_path, 1)[0]['env']['WORLD_SIZE'] == '1'
+
+
+def test_dslaunch_torchrun_is_torchrun_without_local_rank_argument(tmp_path: Path) -> None:
+    """`dslaunch-torchrun` (and `python -m dslaunch.torchrun`) take torchrun's command line as it
+    is: no `--local-rank` argument, LOCAL_RANK in the environment, PET_* read."""
+    from test_cli_e2e import DSLAUNCH
+
+    torchrun = str(Path(DSLAUNCH).with_name('dslaunch-torchrun'))
+    env = {**{k: v for k, v in os.environ.items() if k != 'CUDA_VISIBLE_DEVICES'}, 'DUMP_DIR': str(tmp_path)}
+    proc = subprocess.run([torchrun, '--nproc-per-node', '2', DUMP, 'x', '${local_rank}'], env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert [(r['argv'], r['env']['LOCAL_RANK']) for r in _ranks(tmp_path, 2)] == [(['x', '0'], '0'), (['x', '1'], '1')]
+    for p in tmp_path.glob('rank*.json'):
+        p.unlink()
+    proc = torch_module(DUMP, env={'DUMP_DIR': str(tmp_path), 'PET_NPROC_PER_NODE': '2'}, module='dslaunch.torchrun')
+    assert proc.returncode == 0, proc.stderr
+    assert [r['argv'] for r in _ranks(tmp_path, 2)] == [[], []]

@@ -371,9 +371,11 @@ def test_a_node_range_runs_under_the_elastic_agent(tmp_path: Path) -> None:
     forms the job after the last call; the workers get torchelastic's variables from the round."""
     proc = dslaunch('--use-env', '--nnodes', '1:2', '--nproc-per-node', '2', '--rdzv-backend', 'c10d',
                     '--rdzv-endpoint', f'localhost:{free_port()}', '--rdzv-id', 'job9', '--role', 'trainer',
+                    '--local-ranks-filter', '1', '--log-line-prefix-template', '<${role_name}${rank}> ',
                     *ELASTIC_QUICK, DUMP, env={'DUMP_DIR': str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert "joining rendezvous 'job9'" in proc.stderr and '1 to 2 nodes' in proc.stderr
+    assert proc.stdout == '<trainer1> hello from rank 1\n'  # the filter and the template, per round
     envs = [r['env'] for r in _ranks(tmp_path, 2)]
     assert [(e['RANK'], e['LOCAL_RANK'], e['WORLD_SIZE'], e['GROUP_RANK']) for e in envs] == \
         [('0', '0', '2', '0'), ('1', '1', '2', '0')]

@@ -305,6 +305,14 @@ class Node:
     prefix: str = '[{tag}]: '  # the console prefix template (torchrun's --log-line-prefix-template)
     virtual_local_rank: bool = False  # torchrun's --virtual-local-rank: LOCAL_RANK=0 in every worker
 
+    def shown(self, workers: list[Any]) -> list[int] | None:
+        """Which of this round's workers (by index) the console shows; None: all."""
+        if self.console_ranks is None and self.console_local_ranks is None:
+            return None
+        return [i for i, w in enumerate(workers)
+                if (self.console_ranks is None or w.global_rank in self.console_ranks)
+                and (self.console_local_ranks is None or w.local_rank in self.console_local_ranks)]
+
     def info(self, text: str) -> None:
         if not self.quiet:
             print(INFO + text, file=sys.stderr, flush=True)
@@ -402,11 +410,7 @@ class _SupervisedAgentMixin:
                 env['LOCAL_RANK'] = '0'  # its one device (CUDA_VISIBLE_DEVICES, in the static part) is device 0
             log = self._log_name(stamp, w.global_rank)
             specs.append(_core.RankSpec(node.argv[w.local_rank], env=env, log_file=log, tag=str(w.global_rank)))
-        shown = None
-        if node.console_ranks is not None or node.console_local_ranks is not None:
-            shown = [i for i, w in enumerate(worker_group.workers)
-                     if w.global_rank in (node.console_ranks if node.console_ranks is not None else {w.global_rank})
-                     and w.local_rank in (node.console_local_ranks if node.console_local_ranks is not None else {w.local_rank})]
+        shown = node.shown(worker_group.workers)
         # Per-rank log files keep the order a rank wrote stdout and stderr in: one pipe for both.
         merged = any(s.log_file for s in specs)
         self.tail_of = 'output' if merged else 'stderr'

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -427,7 +428,9 @@ def test_elastic_dry_run_names_the_rendezvous(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0] == "# elastic: rendezvous 'none' at h1:29400, 1 to 4 nodes, 1 restart(s); RANK, WORLD_SIZE, " \
                        'MASTER_ADDR/PORT, ... come from each round'
-    assert lines[1:] == [f'{sys.executable} -u {DUMP} --local-rank=0', f'{sys.executable} -u {DUMP} --local-rank=1']
+    argvs = [shlex.split(line) for line in lines[1:]]
+    assert [a[1:] for a in argvs] == [['-u', DUMP, '--local-rank=0'], ['-u', DUMP, '--local-rank=1']]
+    assert all(os.path.samefile(a[0], sys.executable) for a in argvs)  # the venv's python (or python3)
 
 
 def test_an_elastic_line_without_torch_is_one_error_line(tmp_path: Path) -> None:
@@ -465,8 +468,10 @@ def test_shutdown_timeout_is_the_grace_period() -> None:
     assert torch_launch.grace_of(_args(), {'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': '7'}) == 7.0
     assert torch_launch.grace_of(_args(grace_period=2.5), {'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': '7'}) == 2.5
     assert torch_launch.grace_of(_args(shutdown_timeout=1, grace_period=2.5), {}) == 1.0
-    with pytest.raises(UsageError, match='>= 0'):
+    with pytest.raises(UsageError, match='TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be >= 0 seconds, got soon'):
         torch_launch.grace_of(_args(), {'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': 'soon'})
+    with pytest.raises(UsageError, match='--shutdown-timeout must be >= 0 seconds, got -1'):
+        torch_launch.grace_of(_args(shutdown_timeout=-1), {})
 
 
 def test_a_worker_ignoring_sigterm_is_killed_after_the_shutdown_timeout(tmp_path: Path) -> None:

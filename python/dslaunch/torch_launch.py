@@ -197,17 +197,17 @@ def grace_of(args: argparse.Namespace, environ: Mapping[str, str]) -> float:
     """Seconds from SIGTERM to SIGKILL for stopped workers: --shutdown-timeout, --grace_period,
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT (torch's), else 30."""
     if args.shutdown_timeout is not None:
-        grace: object = args.shutdown_timeout
+        source, grace = '--shutdown-timeout', str(args.shutdown_timeout)
     elif args.grace_period is not None:
-        grace = args.grace_period
+        source, grace = '--grace_period', str(args.grace_period)
     else:
-        grace = environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', '30')
+        source, grace = 'TORCH_ELASTIC_SHUTDOWN_TIMEOUT', environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', '30')
     try:
-        seconds = float(grace)  # type: ignore[arg-type]
+        seconds = float(grace)
     except ValueError:
         seconds = -1.0
-    if not seconds >= 0:
-        raise UsageError(f'the shutdown timeout must be a number of seconds >= 0, got {grace!r}')
+    if not seconds >= 0:  # nan too
+        raise UsageError(f'{source} must be >= 0 seconds, got {grace}')
     return seconds
 
 

@@ -512,3 +512,17 @@ def test_dslaunch_torchrun_is_torchrun_without_local_rank_argument(tmp_path: Pat
     proc = torch_module(DUMP, env={'DUMP_DIR': str(tmp_path), 'PET_NPROC_PER_NODE': '2'}, module='dslaunch.torchrun')
     assert proc.returncode == 0, proc.stderr
     assert [r['argv'] for r in _ranks(tmp_path, 2)] == [[], []]
+
+
+def test_kubeflows_elastic_pytorchjob_environment(tmp_path: Path) -> None:
+    """Kubeflow's elastic PyTorchJob runs `torchrun train.py` with the whole elastic line in PET_*
+    variables (PET_NNODES=MIN:MAX, PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, PET_RDZV_ID, ...)."""
+    pet = {'DUMP_DIR': str(tmp_path), 'PET_NNODES': '1:2', 'PET_NPROC_PER_NODE': '2', 'PET_RDZV_BACKEND': 'c10d',
+           'PET_RDZV_ENDPOINT': f'localhost:{free_port()}', 'PET_RDZV_ID': 'kube-elastic',
+           'PET_RDZV_CONF': 'join_timeout=60,last_call_timeout=1', 'PET_MAX_RESTARTS': '1'}
+    proc = torch_module(DUMP, env=pet, module='dslaunch.torchrun')
+    assert proc.returncode == 0, proc.stderr
+    assert "joining rendezvous 'kube-elastic'" in proc.stderr and '1 to 2 nodes, 1 restart(s)' in proc.stderr
+    envs = [r['env'] for r in _ranks(tmp_path, 2)]
+    assert [(e['RANK'], e['WORLD_SIZE'], e['TORCHELASTIC_RUN_ID']) for e in envs] == \
+        [('0', '2', 'kube-elastic'), ('1', '2', 'kube-elastic')]

@@ -382,7 +382,7 @@ def elastic_config(args: argparse.Namespace, free_port: Callable[[], int]) -> El
                          max_restarts=args.max_restarts, rdzv_conf=conf, local_addr=args.local_addr)
 
 
-def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: ElasticConfig) -> int:
+def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: ElasticConfig, grace: float) -> int:
     """This node's elastic agent (`dslaunch.elastic`) for torchrun's elastic command lines: each
     rendezvous round gives the workers their RANK, WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT, ...;
     `plans` give the rest (argv with `--local-rank`, OMP_NUM_THREADS, ...)."""
@@ -393,7 +393,7 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
         argv=[p.argv for p in plans],
         static_env=[dict(p.env_overrides) for p in plans],  # the per-round variables are set over these
         base_env=dict(os.environ),
-        grace=grace_of(args, os.environ),
+        grace=grace,
         raw_output=args.raw_output,
         console_ranks=None,
         console_local_ranks=parse_rank_selection(args.local_ranks_filter) if args.local_ranks_filter else None,
@@ -470,9 +470,8 @@ def _random_run_id() -> str:
 
 def main(argv: Sequence[str], prog: str | None = None) -> int:
     import shlex
-    import time
 
-    from dslaunch.launch_run import DEFAULT_PREFIX, check_script, parse_rank_selection, run_plans
+    from dslaunch.launch_run import DEFAULT_PREFIX, parse_rank_selection, run_plans
     from dslaunch.probes import SystemProbes
 
     args = build_parser(prog).parse_args(list(argv))
@@ -500,11 +499,10 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         args.master_port = 29500
     if not 0 <= args.master_port <= 65535:
         raise UsageError(f'--master-port {args.master_port} is not a port number (0-65535)')
-    grace_of(args, os.environ)  # a bad timeout is one line before anything starts
-    python = os.environ.get('PYTHON_EXEC', sys.executable)  # torchrun's override of the workers' interpreter
+    grace = grace_of(args, os.environ)  # a bad timeout is one line before anything starts
     run_id = torch_run_id(args.rdzv_id, standalone=asked_standalone, rdzv_backend=given_backend,
                           rdzv_endpoint=given_endpoint, master_port=given_port, one_node=one_node)
-    plans = plans_for(args, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=run_id)
+    plans = _worker_plans(args, run_id)
     redirects = std_streams(args.redirects, len(plans), '--redirects')
     tee = std_streams(args.tee, len(plans), '--tee')
     if args.dry_run:
@@ -513,8 +511,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
             print(f'{env} {shlex.join(p.argv)}')
         return 0
     args.training_script_args = list(args.training_script_args)
-    check_script(argparse.Namespace(no_python=args.no_python and not args.run_path, module=args.module,
-                                    training_script=args.training_script))
+    _check_script(args)
     if args.node_rank == 0 and args.master_addr in ('127.0.0.1', 'localhost') and \
             not probes.port_free(args.master_addr, args.master_port):
         raise UsageError(f'master port {args.master_port} is already in use on this host; '
@@ -539,38 +536,48 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         console = {p.rank for p in plans if p.local_rank in local}
     try:
         return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
-                         grace_period=grace_of(args, os.environ),
+                         grace_period=grace,
                          prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX)
     finally:
         error_files.finish()
 
 
-def _elastic_main(args: argparse.Namespace) -> int:
-    import shlex
+def _worker_plans(args: argparse.Namespace, run_id: str) -> list[RankPlan]:
     import time
 
+    python = os.environ.get('PYTHON_EXEC', sys.executable)  # torchrun's override of the workers' interpreter
+    return plans_for(args, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=run_id)
+
+
+def _check_script(args: argparse.Namespace) -> None:
     from dslaunch.launch_run import check_script
+
+    check_script(argparse.Namespace(no_python=args.no_python and not args.run_path, module=args.module,
+                                    training_script=args.training_script))
+
+
+def _elastic_main(args: argparse.Namespace) -> int:
+    import shlex
+
     from dslaunch.probes import SystemProbes
 
     cfg = elastic_config(args, SystemProbes().free_port)
-    grace_of(args, os.environ)  # a bad timeout is one line before anything starts
-    python = os.environ.get('PYTHON_EXEC', sys.executable)
+    grace = grace_of(args, os.environ)  # a bad timeout is one line before anything starts
     # the node's workers as on a one-node world: every round sets their place in the job
     one = argparse.Namespace(**{**vars(args), 'nnodes': '1', 'node_rank': 0, 'master_port': 0})
-    plans = plans_for(one, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=cfg.run_id)
+    plans = _worker_plans(one, cfg.run_id)
     if args.dry_run:
         print(f"# elastic: rendezvous '{cfg.run_id}' at {cfg.endpoint}, {cfg.min_nodes} to {cfg.max_nodes} nodes, "
               f'{cfg.max_restarts} restart(s); RANK, WORLD_SIZE, MASTER_ADDR/PORT, ... come from each round')
         for p in plans:
             print(shlex.join(p.argv))
         return 0
-    check_script(argparse.Namespace(no_python=args.no_python and not args.run_path, module=args.module,
-                                    training_script=args.training_script))
+    _check_script(args)
     if args.log_dir:
         from dslaunch.launch import ensure_rank_log_dir
 
         ensure_rank_log_dir(args.log_dir)
-    return run_elastic(args, plans, cfg)
+    return run_elastic(args, plans, cfg, grace)
 
 
 if __name__ == '__main__':  # `python -m dslaunch.torch_launch ...`, like `python -m torch.distributed.launch`

@@ -427,10 +427,10 @@ def _can_unshare_mounts() -> bool:
 
 @pytest.mark.skipif(not _can_unshare_mounts(), reason='needs root and mount namespaces (unshare -m)')
 def test_save_pid_with_a_read_only_tmp_is_one_clear_error(no_process_left_behind: str) -> None:
-    """`--save_pid` writes /tmp/<runner pid>.deepspeed. With /tmp read-only (a read-only tmpfs
-    mounted over it in a private mount namespace), the CLI says so in one line, exits 1, and starts
-    no rank."""
-    script = 'mount -t tmpfs -o ro tmpfs /tmp && exec "$@"'
+    """`--save_pid` writes /tmp/<runner pid>.deepspeed. With /tmp read-only (bound read-only onto
+    itself in a private mount namespace: a checkout under /tmp stays there), the CLI says so in one
+    line, exits 1, and starts no rank."""
+    script = 'mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && exec "$@"'
     p = subprocess.run(
         ['unshare', '-m', '/bin/sh', '-c', script, 'sh', DSLAUNCH, '--master_port', '0', '--num_gpus', '2',
          '--save_pid', '--no_python', '--no_local_rank', '/bin/echo', 'rank started'],

@@ -405,6 +405,49 @@ def test_a_c10d_rendezvous_across_nodes_forms_one_world(tmp_path: Path) -> None:
     assert sorted(r['argv'][0] for r in got) == ['--local-rank=0', '--local-rank=0', '--local-rank=1', '--local-rank=1']
 
 
+def test_a_node_that_gives_up_does_not_keep_the_others_at_the_exit_barrier(tmp_path: Path) -> None:
+    """Two agents (c10d, one rank each). The first one hosts the rendezvous store; its rank
+    finishes. The second one's rank fails with 3 and that node has no restarts left. The first node
+    waits at torch's exit barrier for every node. Under torchrun the failed node never arrives
+    there, so the first one waits the whole 300 s (exit_barrier_timeout). Here both are done at
+    once: the finished node exits 0, the failed one 3."""
+    script = tmp_path / 'one_fails.py'
+    script.write_text('import os, sys, time\nprint("rank", os.environ["RANK"], flush=True)\n'
+                      'if os.environ["FAIL"] == "1":\n    time.sleep(1)\n    sys.exit(3)\n')
+    port = free_port()
+    args = ['--use-env', '--nnodes', '2', '--nproc-per-node', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
+            f'localhost:{port}', '--rdzv-id', 'gives-up', str(script)]
+    from test_cli_e2e import DSLAUNCH
+
+    agents = []
+    try:
+        for fail in ('0', '1'):
+            agents.append(subprocess.Popen([DSLAUNCH, *args], env={**os.environ, 'FAIL': fail}, text=True,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL))
+            if fail == '0':
+                _wait_for_a_listener(port, agents[0])  # the first agent hosts the store, not the failing one
+        outs = [a.communicate(timeout=120) for a in agents]  # well under exit_barrier_timeout
+    finally:
+        for a in agents:
+            a.kill()
+    assert [a.returncode for a in agents] == [0, 3], outs
+    assert 'no restarts left (--max_restarts 0): giving up' in outs[1][1], outs
+
+
+def _wait_for_a_listener(port: int, proc: subprocess.Popen) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(('localhost', port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f'nothing listens on port {port}: {proc.poll()}')
+
+
 def test_max_restarts_restarts_the_workers(tmp_path: Path) -> None:
     script = tmp_path / 'flaky.py'
     script.write_text('import os, sys\nn = os.environ["TORCHELASTIC_RESTART_COUNT"]\n'

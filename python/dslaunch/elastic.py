@@ -519,7 +519,24 @@ class _SupervisedAgentMixin:
                 self.node.info(f'restarting the ranks (restart {used} of {spec.max_restarts})')
             else:
                 self.node.info(f'no restarts left (--max_restarts {spec.max_restarts}): giving up')
+        if not self.restarting:
+            self._arrive_at_the_exit_barrier()
         self.raise_pending()
+
+    def _arrive_at_the_exit_barrier(self) -> None:
+        """A node that gives up still counts at torch's exit barrier, where the nodes whose ranks
+        finished wait for every node (torch's agent never arrives there after a failure, so they
+        wait the whole ``exit_barrier_timeout``, 300 s, for it). Best effort: it uses torch's
+        private barrier half, and a store that is gone or slow must not delay this node's exit."""
+        # The others then wait as under torchrun.
+        with contextlib.suppress(Exception):
+            from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
+            from torch.distributed.elastic.utils.store import _barrier_nonblocking, store_timeout
+
+            store, group = getattr(self, '_store', None), getattr(self, '_worker_group', None)
+            if store is not None and group is not None:
+                with store_timeout(store, 5):
+                    _barrier_nonblocking(store, int(group.group_world_size), _TERMINAL_STATE_SYNC_ID)
 
     def _shutdown(self, death_sig: int = signal.SIGTERM, timeout: int = 30) -> None:
         from dslaunch.report import print_report

@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
+DEEPSPEED_VERSION := 0.19.8
 # Byte-compile the package as a wheel install would: an editable install under
 # PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module at every start (~15 ms).
 BYTECODE = $(PY) -m compileall -q python/dslaunch
@@ -20,6 +21,11 @@ $(PY):
 .PHONY: install
 install: $(PY) ## create .venv and install dslaunch (built from source) with its dev/test deps (torch, pytest, ...)
 	$(PIP) install -q -e '.[dev]'
+	@# DeepSpeed itself, for the tests that run real DeepSpeed training scripts under dslaunch and
+	@# under DeepSpeed's own runner. An sdist whose setup.py imports torch: no build isolation, no
+	@# prebuilt ops (the tests' CPU collectives are compiled on first use, with ninja).
+	$(PIP) install -q packaging ninja hjson py-cpuinfo pydantic tqdm msgpack einops
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation 'deepspeed==$(DEEPSPEED_VERSION)'
 	$(BYTECODE)
 
 .PHONY: build-dev

@@ -3,6 +3,7 @@ real signals. Every test's processes carry the conftest's tag, so survivors fail
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -370,6 +371,99 @@ def test_exit_status_helpers() -> None:
     assert [command_exit.rank_status(rc) for rc in (3, -9, -11, -15, 0, None, 255)] == [3, 247, 245, 241, 1, 1, 255]
     assert [command_exit.per_node_launcher(s) for s in (-2, -15, -1, -10, 0, 7)] == [1, 1, -1, -10, 0, 7]
     assert [command_exit.shell(s) for s in (-2, -15, 0, 247)] == [130, 143, 0, 247]
+
+
+QUIT_RANK = """import os, signal, sys, time
+rank = os.environ['RANK']
+def on(sig, _):
+    open(rank + '.got', 'w').write(signal.Signals(sig).name)
+    sys.exit(5)
+signal.signal(signal.SIGQUIT, on)
+open(rank + '.ready', 'w').close()
+time.sleep(60)
+"""
+
+
+def test_sigquit_gives_every_rank_its_grace_and_dumps_no_core(tmp_path: Path) -> None:
+    """SIGQUIT (the terminal's Ctrl-\\): by default it would end dslaunch at once, with a core dump
+    where core files are allowed, and leave the ranks to the orphan guard's SIGKILL. As torchrun
+    does, every rank gets the SIGQUIT and its grace period, the report names it; then dslaunch
+    ends by SIGQUIT (a shell shows 131), and dumps no core even where core files are allowed."""
+    (tmp_path / 'rank.py').write_text(QUIT_RANK)
+    env = dict(os.environ)
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+
+    # dslaunch with SIGQUIT's default action and core files allowed (up to the hard limit)
+    allow_core_files = ('import os, resource, signal, sys\n'
+                        'signal.signal(signal.SIGQUIT, signal.SIG_DFL)\n'
+                        'hard = resource.getrlimit(resource.RLIMIT_CORE)[1]\n'
+                        'resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))\n'
+                        'os.execv(sys.argv[1], sys.argv[1:])\n')
+    with (tmp_path / 'stderr').open('w') as stderr:
+        p = subprocess.Popen([sys.executable, '-c', allow_core_files, DSLAUNCH, '--num_gpus', '2', 'rank.py'],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / '0.ready').exists() and (tmp_path / '1.ready').exists()):
+            assert time.monotonic() < deadline and p.poll() is None, 'the ranks did not start'
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGQUIT)
+        status = os.waitpid(p.pid, 0)[1]
+        p.returncode = -signal.SIGQUIT  # reaped here, for its raw status
+    finally:
+        if p.returncode is None:
+            p.kill()
+            p.wait()
+    err = (tmp_path / 'stderr').read_text()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGQUIT, (status, err)
+    assert not os.WCOREDUMP(status) and not list(tmp_path.glob('core*')), err
+    assert [(tmp_path / f'{r}.got').read_text() for r in (0, 1)] == ['SIGQUIT', 'SIGQUIT']
+    assert 'dslaunch: stopped by SIGQUIT' in err, err
+
+
+HUP_RANK = """import os, signal, sys, time
+rank = os.environ['RANK']
+def on(sig, _):
+    open(rank + '.got', 'w').write(signal.Signals(sig).name)
+    sys.exit(5)
+signal.signal(signal.SIGTERM, on)  # SIGHUP as a training script leaves it: as it inherited it
+open(rank + '.ready', 'w').write(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize('launcher', ['dslaunch', 'deepspeed'])
+def test_nohup_keeps_the_job_running_when_the_terminal_hangs_up(tmp_path: Path, launcher: str) -> None:
+    """`nohup dslaunch train.py &`, then the terminal closes (SIGHUP to the job's process group):
+    the job goes on, as under DeepSpeed's runner (the reference case here), because a signal
+    inherited as ignored stays ignored; a SIGTERM later still stops it, through every rank."""
+    program = DSLAUNCH if launcher == 'dslaunch' else str(Path(DSLAUNCH).parent / 'deepspeed')
+    if not Path(program).exists():
+        pytest.skip('make install puts DeepSpeed into .venv')
+    (tmp_path / 'rank.py').write_text(HUP_RANK)
+    env = dict(os.environ)
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    p = subprocess.Popen(['nohup', program, '--num_gpus', '2', 'rank.py'], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / '0.ready').exists() and (tmp_path / '1.ready').exists()):
+            assert time.monotonic() < deadline and p.poll() is None, 'the ranks did not start'
+            time.sleep(0.05)
+        pids = [int((tmp_path / f'{r}.ready').read_text()) for r in (0, 1)]
+        os.killpg(p.pid, signal.SIGHUP)  # what a closing terminal sends
+        time.sleep(1.0)
+        assert p.poll() is None and all(proc_state(pid) not in ('gone', 'Z') for pid in pids), 'the hangup stopped the job'
+        if launcher == 'deepspeed':
+            return  # its runner dies of a SIGTERM and leaves the ranks running (docs/compatibility.md)
+        os.kill(p.pid, signal.SIGTERM)
+        p.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # the reference case's ranks share its group
+        p.communicate()
+    assert [(tmp_path / f'{r}.got').read_text() for r in (0, 1)] == ['SIGTERM', 'SIGTERM']
 
 
 def test_ctrl_c_stops_a_shell_loop_of_jobs(tmp_path: Path) -> None:

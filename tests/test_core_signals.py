@@ -1,4 +1,4 @@
-"""Signals: what the launcher receives reaches every rank's group; SIGINT/SIGTERM/SIGHUP end the
+"""Signals: what the launcher receives reaches every rank's group; SIGINT/SIGTERM/SIGHUP/SIGQUIT end the
 job (a second one at once), SIGUSR1/2 do not; the grace period is honoured; terminate() and
 kill() from Python; and Ctrl-C in Python still works when nothing is forwarded."""
 
@@ -39,7 +39,7 @@ def _all_received(tmp_path: Path, expected: list[int], n: int = N) -> bool:
     return all(_received(tmp_path, i) == expected for i in range(n))
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name)
 def test_terminating_signal_to_launcher_reaches_every_rank_and_ends_the_job(
     tmp_path: Path, sig: signal.Signals
 ) -> None:

@@ -145,9 +145,9 @@ class Supervisor:
         console_ranks: Only these rank indices are shown on the console (default: all).
         grace_period: Seconds between the polite signal and SIGKILL when tearing down.
         forward_signals: Signals of the launcher forwarded to every rank's process group while
-            the job runs (default SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT;
+            the job runs (default SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT;
             handlers are installed by `start()` on the main thread and restored when the job is
-            over). SIGINT, SIGTERM and SIGHUP also end the job; a second one kills at once.
+            over; a signal ignored at that moment stays ignored, as `nohup`'s SIGHUP). SIGINT, SIGTERM, SIGHUP and SIGQUIT also end the job; a second one kills at once.
             After forwarding SIGTSTP (Ctrl-Z) the launcher's process stops itself; SIGCONT
             (`fg`, `bg`) resumes it and is forwarded.
         fail_fast: Tear the job down when one rank exits non-zero or dies by a signal.

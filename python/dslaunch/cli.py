@@ -86,6 +86,7 @@ def run_multinode(plan: runner_mod.Plan) -> int:
 
     from dslaunch import _core, jobchannel
     from dslaunch import runner as runner_mod
+    from dslaunch.signal_policy import STOP_SIGNALS, not_ignored
 
     args = plan.args
     server = jobchannel.JobServer(on_failure=lambda _msg: server.stop(signal.SIGTERM))
@@ -125,8 +126,8 @@ def run_multinode(plan: runner_mod.Plan) -> int:
         if sig == signal.SIGTSTP:
             os.kill(os.getpid(), signal.SIGSTOP)  # as the core does for a local job
 
-    saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    saved.update({sig: signal.signal(sig, on_job_control) for sig in (signal.SIGTSTP, signal.SIGCONT)})
+    saved = {sig: signal.signal(sig, on_signal) for sig in not_ignored(STOP_SIGNALS)}
+    saved.update({sig: signal.signal(sig, on_job_control) for sig in not_ignored((signal.SIGTSTP, signal.SIGCONT))})
     try:
         try:
             sup.start()

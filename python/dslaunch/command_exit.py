@@ -94,6 +94,10 @@ def exit_now(code: int) -> NoReturn:
         # Dying of the signal tells the parent (a shell, a script's loop) that it was interrupted:
         # bash stops a loop on a child that died of SIGINT, not on one that exited 130.
         signal.signal(-code, signal.SIG_DFL)
+        if -code == signal.SIGQUIT:  # a stop by Ctrl-\ ends as one by Ctrl-C: no core dump of dslaunch
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {-code})
         os.kill(os.getpid(), -code)
     os._exit(shell(code))

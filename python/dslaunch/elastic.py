@@ -37,6 +37,7 @@ from typing import Any
 
 from . import command_exit
 from .errors import DslaunchError, UsageError
+from .signal_policy import STOP_SIGNALS, not_ignored
 
 __all__ = [
     'DEFAULT_MAX_RESTARTS',
@@ -225,7 +226,7 @@ def worker_env(
 # ---------------------------------------------------------------------------------------------
 # The running part: imports torch.
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_STOP_SIGNALS = STOP_SIGNALS
 _FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _JOB_CONTROL = (signal.SIGTSTP, signal.SIGCONT)  # Ctrl-Z and fg/bg: passed on to the ranks too
 _PER_ROUND = (
@@ -323,7 +324,7 @@ class _SupervisedAgentMixin:
 
     ``_agent_class()`` combines it with ``SimpleElasticAgent`` (torch is imported only then).
     Each rendezvous round's ranks are one Supervisor job (fail-fast, whole-tree teardown, prefixed
-    output, orphan guard). Signals: the first SIGINT/SIGTERM/SIGHUP ends the agent through torch's
+    output, orphan guard). Signals: the first SIGINT/SIGTERM/SIGHUP/SIGQUIT ends the agent through torch's
     ``SignalException`` path (the ranks get that signal, SIGKILL after the grace period); a second
     one kills the ranks at once; SIGUSR1/SIGUSR2 are forwarded to the ranks, and so are SIGTSTP
     (Ctrl-Z: this process then stops too) and SIGCONT.
@@ -720,7 +721,7 @@ def _run_agent(
     )
     saved: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in _STOP_SIGNALS + _FORWARDED_SIGNALS:
+        for signum in not_ignored(_STOP_SIGNALS + _FORWARDED_SIGNALS):
             saved[signum] = signal.signal(signum, _raise_stop if signum in _STOP_SIGNALS else signal.SIG_IGN)
         for signum in _JOB_CONTROL:
             saved[signum] = signal.getsignal(signum)  # the agent's handler from its start on

@@ -21,6 +21,7 @@ from types import FrameType
 
 from .argparse_compat import CompatArgumentParser
 from .errors import DslaunchError, EnvMappingError, UnknownLauncherError, UsageError, one_line
+from .signal_policy import STOP_SIGNALS, not_ignored
 
 __all__ = ['HELPER_LAUNCHERS', 'bind_cores', 'build_parser', 'child_argv', 'child_env', 'env_mapping', 'main', 'parse_args']
 
@@ -193,7 +194,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
         # mpirun signals this process; the script must get it too instead of being orphaned.
         child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, forward) for sig in not_ignored(STOP_SIGNALS)}
     try:
         returncode = child.wait()
     finally:

@@ -478,6 +478,7 @@ impl PySupervisor {
                 libc::SIGINT,
                 libc::SIGTERM,
                 libc::SIGHUP,
+                libc::SIGQUIT,
                 libc::SIGUSR1,
                 libc::SIGUSR2,
                 libc::SIGTSTP,
@@ -571,7 +572,13 @@ impl PySupervisor {
                 },
             )?;
             let mut saved = Vec::new();
+            let ignored = signal.getattr("SIG_IGN")?;
             for &sig in &this.forward {
+                // A signal ignored already stays ignored: nohup's SIGHUP must not stop the job when
+                // the terminal closes (DeepSpeed's runner leaves it ignored too).
+                if signal.call_method1("getsignal", (sig,))?.is(&ignored) {
+                    continue;
+                }
                 let old = signal.call_method1("signal", (sig, forwarder.clone_ref(py)))?;
                 saved.push((sig, old.unbind()));
             }
@@ -703,7 +710,7 @@ impl PySupervisor {
     }
 
     /// Forwards `signal` to every running rank's process group, as if the launcher had received
-    /// it (SIGINT, SIGTERM and SIGHUP also end the job).
+    /// it (SIGINT, SIGTERM, SIGHUP and SIGQUIT also end the job).
     fn send_signal(&self, signal: i32) -> PyResult<()> {
         if !signals::is_valid(signal) {
             return Err(PyValueError::new_err(format!("invalid signal {signal}")));

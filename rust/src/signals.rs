@@ -2,8 +2,9 @@
 //! `ESRCH` (already gone) is never an error here: a supervisor races with exits all the time.
 
 /// Signals that, forwarded to the job, also end it: the job is torn down (the signal first,
-/// SIGKILL after the grace period), and a second one kills at once.
-pub const TERMINATING: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// SIGKILL after the grace period), and a second one kills at once. SIGQUIT (Ctrl-\) too, as
+/// torchrun: otherwise it would end the launcher by its default action, with no grace for the ranks.
+pub const TERMINATING: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 /// Sends `sig` to every process in group `pgid`. Returns false if the group no longer exists.
 pub fn killpg(pgid: i32, sig: i32) -> bool {

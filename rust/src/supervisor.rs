@@ -137,8 +137,8 @@ impl Default for Config {
 /// What the caller can ask of a running job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// A signal the launcher received: forwarded to every rank's group. SIGINT, SIGTERM and
-    /// SIGHUP also end the job (SIGKILL after the grace period; a second one kills at once).
+    /// A signal the launcher received: forwarded to every rank's group. SIGINT, SIGTERM, SIGHUP
+    /// and SIGQUIT also end the job (SIGKILL after the grace period; a second one kills at once).
     /// SIGTSTP (Ctrl-Z) then stops the launcher's own process too, as the shell expects.
     Signal(i32),
     /// A stop asked for from outside, as by a multi-node runner: the same as `Signal(sig)` while

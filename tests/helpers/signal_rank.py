@@ -2,8 +2,8 @@
 
     signal_rank.py OUTFILE READYFILE [--ignore SIG,...] [--lifetime SECONDS]
 
-Appends `<signum>\\n` to OUTFILE for each SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 received.
-On SIGINT, SIGTERM or SIGHUP it then exits with 128+N (as a shell would), unless that signal is
+Appends `<signum>\\n` to OUTFILE for each SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2
+received. On SIGINT, SIGTERM, SIGHUP or SIGQUIT it then exits with 128+N (as a shell would), unless that signal is
 listed in --ignore (then it is recorded and survived). The other signals named in --ignore are set
 to SIG_IGN (not recorded). Creates READYFILE once its handlers are in place, then idles for
 --lifetime seconds (default 120) and exits 0.
@@ -16,8 +16,8 @@ import os
 import signal
 import time
 
-RECORDED = ('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1', 'SIGUSR2')
-TERMINATING = ('SIGINT', 'SIGTERM', 'SIGHUP')
+RECORDED = ('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2')
+TERMINATING = ('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT')
 
 
 def main() -> None:

@@ -285,9 +285,10 @@ class Job:
                                      stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
                                      start_new_session=True)  # its own process group, as under a shell
 
-    def ctrl_c(self) -> None:
-        """What Ctrl-C in a terminal does: SIGINT to the runner's whole (foreground) process group."""
-        os.killpg(self.proc.pid, signal.SIGINT)
+    def ctrl_c(self, sig: int = signal.SIGINT) -> None:
+        """What Ctrl-C in a terminal does: SIGINT to the runner's whole (foreground) process group
+        (Ctrl-\\: SIGQUIT)."""
+        os.killpg(self.proc.pid, sig)
 
     def wait(self, timeout: float) -> Run | None:
         """The finished run, or None if the runner is still running after `timeout` seconds."""

@@ -570,6 +570,27 @@ def test_ctrl_c_leaves_nothing_on_any_host_within_half_a_second(runner: Runner, 
 
 
 @pytest.mark.parametrize('engine', ENGINES, indirect=True)
+def test_ctrl_backslash_stops_every_host_as_ctrl_c_does(runner: Runner, engine: Engine, tmp_path: Path) -> None:
+    """Ctrl-\\ (SIGQUIT to the runner's group) goes the way of Ctrl-C, through the job channel: no rank
+    and no backend process is left on any host within 2 s; the runner, which DeepSpeed's runner
+    never handled SIGQUIT in, then dies of it (without a core dump: tests/test_cli_e2e.py)."""
+    out = tmp_path / 'out'
+    control(out, sleep=30)
+    with running_job(runner, engine, '-H', str(runner.cluster.hostfile), *probe(out)) as job:
+        records = wait_for_ranks(out, 4, job)
+        time.sleep(0.2)
+        pressed = time.time()
+        job.ctrl_c(signal.SIGQUIT)
+        gone = all_gone_at([r['pid'] for r in records.values()], timeout=5)
+        assert gone is not None and gone - pressed <= 2, 'ranks still running 2 s after Ctrl-\\'
+        wait_until(lambda: not {pid for pid, what in runner.cluster.job_processes().items()
+                                if pid != job.proc.pid and 'dslaunch-orphan-guard' not in what[1]},
+                   2, 'no backend process left on any host')
+        run = job.wait(5)
+        assert run is not None and run.returncode == -signal.SIGQUIT, run
+
+
+@pytest.mark.parametrize('engine', ENGINES, indirect=True)
 def test_ctrl_z_pauses_every_host_and_fg_resumes_it(runner: Runner, engine: Engine, tmp_path: Path) -> None:
     """Ctrl-Z on the runner: every rank on every host stops (through the job channel), then the
     runner itself; `fg` (SIGCONT to its group) resumes them all; Ctrl-C then ends the job."""

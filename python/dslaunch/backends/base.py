@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -252,8 +253,9 @@ class MultiNodeRunner:
         """The signal to send the backend command when the runner receives ``sig`` (Ctrl-C: SIGINT).
 
         Most launchers stop the job on SIGINT; srun treats a single SIGINT as a status request.
+        SIGQUIT (Ctrl-\\) is the engine's SIGTERM: its own default would end it without its cleanup.
         """
-        return sig
+        return int(signal.SIGTERM) if sig == signal.SIGQUIT else sig
 
     # ---- temp files ------------------------------------------------------------------------------
     def write_temp_file(self, prefix: str, text: str) -> str:

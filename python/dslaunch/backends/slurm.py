@@ -77,4 +77,4 @@ class SlurmRunner(MultiNodeRunner):
         return cmd + ['--export=ALL'] + self.helper_cmd()
 
     def forwarded_signal(self, sig: int) -> int:
-        return int(signal.SIGTERM) if sig == signal.SIGINT else sig
+        return int(signal.SIGTERM) if sig in (signal.SIGINT, signal.SIGQUIT) else sig

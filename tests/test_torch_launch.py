@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,8 +54,7 @@ def test_every_torchrun_option_with_its_value_selects_the_torch_cli(tmp_path: Pa
     assert {e['ROLE_NAME'] for e in envs} == {'trainer' if head[0] == '--role' else 'default'}
 
 
-@pytest.mark.parametrize('head', [['--duplicate-stdout-filters', 'loss'], ['--numa-binding', 'node'],
-                                  ['--signals-to-handle', 'SIGUSR1']])
+@pytest.mark.parametrize('head', [['--duplicate-stdout-filters', 'loss'], ['--numa-binding', 'node']])
 def test_torchrun_options_not_supported_are_the_torch_front_ends_usage_error(head: list[str]) -> None:
     proc = dslaunch(*head, '--nproc-per-node', '2', 'train.py')
     assert proc.returncode == 2
@@ -80,6 +81,7 @@ def test_local_rank_macro_and_torchelastic_variables(tmp_path: Path) -> None:
         env = got['env']
         assert (env['ROLE_NAME'], env['TORCHELASTIC_RUN_ID'], env['TORCHELASTIC_RESTART_COUNT']) == ('trainer', 'job7', '0')
         assert env['TORCHELASTIC_USE_AGENT_STORE'] == 'False'  # the ranks' rank 0 hosts the store
+        assert env['TORCHELASTIC_SIGNALS_TO_HANDLE'] == 'SIGTERM,SIGINT,SIGHUP,SIGQUIT'  # torchrun's default
 
 
 def test_one_node_without_a_port_uses_a_free_one(tmp_path: Path) -> None:
@@ -504,6 +506,62 @@ def test_virtual_local_rank_as_torchrun_gives_it(tmp_path: Path, parent: str | N
     if parent:
         short = dslaunch('--nproc-per-node', '3', '--virtual-local-rank', DUMP, env={'CUDA_VISIBLE_DEVICES': parent})
         assert 'local rank 2 has no device in CUDA_VISIBLE_DEVICES=3,5' in one_error_line(short)
+
+
+USR1_WORKER = """import os, signal, sys, time
+rank = os.environ['RANK']
+def on(sig, _):
+    open(os.path.join(os.environ['OUT'], rank + '.got'), 'w').write(signal.Signals(sig).name)
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, on)
+open(os.path.join(os.environ['OUT'], rank + '.ready'), 'w').write(os.environ['TORCHELASTIC_SIGNALS_TO_HANDLE'])
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize('elastic', [False, True], ids=['static', 'elastic'])
+@pytest.mark.parametrize('module', ['torch.distributed.run', 'dslaunch.torch_launch'])
+def test_signals_to_handle_makes_sigusr1_stop_the_job_as_under_torchrun(tmp_path: Path, module: str,
+                                                                         elastic: bool) -> None:
+    """`--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1` (Slurm's warning before the time limit):
+    SIGUSR1 to the launcher reaches every worker (which checkpoints and exits 0 here), and then
+    the launcher ends, not 0 (torchrun: 1 after its SignalException; dslaunch: it dies of SIGUSR1);
+    the workers see the list as TORCHELASTIC_SIGNALS_TO_HANDLE. Side by side with torchrun."""
+    script = tmp_path / 'usr1.py'
+    script.write_text(USR1_WORKER)
+    out = tmp_path / module
+    out.mkdir()
+    listed = 'SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1'
+    use_env = ['--use-env'] if module.startswith('dslaunch') else []
+    meet = ['--nnodes', '1:1', '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{free_port()}'] if elastic \
+        else ['--master-port', str(free_port())]
+    env = {k: v for k, v in os.environ.items() if k != 'CUDA_VISIBLE_DEVICES' and not k.startswith('PET_')}
+    env['OUT'] = str(out)
+    proc = subprocess.Popen([sys.executable, '-m', module, *use_env, *meet, '--nproc-per-node', '2',
+                             '--signals-to-handle', listed, str(script)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(out.glob('*.ready'))) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, 'the workers did not start'
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == (1 if module.startswith('torch') else -signal.SIGUSR1), err[-2000:]
+    assert [(out / f'{r}.got').read_text() for r in (0, 1)] == ['SIGUSR1', 'SIGUSR1']
+    assert {(out / f'{r}.ready').read_text() for r in (0, 1)} == {listed}
+
+
+def test_a_signal_name_that_is_none_is_a_warning_as_under_torchrun(tmp_path: Path) -> None:
+    proc = dslaunch('--nproc-per-node', '1', '--signals-to-handle', 'SIGTERM,SIGNOPE,SIGKILL', DUMP,
+                    env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert 'warning: --signals-to-handle: SIGNOPE: no such signal; ignored' in proc.stderr
+    assert 'warning: --signals-to-handle: SIGKILL: cannot be one that stops the job; ignored' in proc.stderr
 
 
 def test_shutdown_timeout_is_the_grace_period() -> None:

@@ -147,9 +147,12 @@ class Supervisor:
         forward_signals: Signals of the launcher forwarded to every rank's process group while
             the job runs (default SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT;
             handlers are installed by `start()` on the main thread and restored when the job is
-            over; a signal ignored at that moment stays ignored, as `nohup`'s SIGHUP). SIGINT, SIGTERM, SIGHUP and SIGQUIT also end the job; a second one kills at once.
-            After forwarding SIGTSTP (Ctrl-Z) the launcher's process stops itself; SIGCONT
+            over; a signal ignored at that moment stays ignored, as `nohup`'s SIGHUP). The stop
+            signals also end the job; a second one kills at once. After forwarding SIGTSTP (Ctrl-Z) the launcher's process stops itself; SIGCONT
             (`fg`, `bg`) resumes it and is forwarded.
+        stop_signals: The signals that, received (or given to `send_signal`/`stop`), end the job
+            as well as being passed on (default SIGINT, SIGTERM, SIGHUP, SIGQUIT; torchrun's
+            `--signals-to-handle`). ValueError for SIGKILL, SIGSTOP, SIGTSTP, SIGCONT, SIGCHLD.
         fail_fast: Tear the job down when one rank exits non-zero or dies by a signal.
         stderr_tail: How many of each rank's last stderr lines to keep.
         orphan_guard: Start the guard process that kills the job if the launcher is SIGKILLed.
@@ -188,6 +191,7 @@ class Supervisor:
         console_ranks: Sequence[int] | None = None,
         grace_period: float = 30.0,
         forward_signals: Sequence[int] | None = None,
+        stop_signals: Sequence[int] | None = None,
         fail_fast: bool = True,
         stderr_tail: int = 20,
         orphan_guard: bool = True,

@@ -226,7 +226,6 @@ def worker_env(
 # ---------------------------------------------------------------------------------------------
 # The running part: imports torch.
 
-_STOP_SIGNALS = STOP_SIGNALS
 _FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _JOB_CONTROL = (signal.SIGTSTP, signal.SIGCONT)  # Ctrl-Z and fg/bg: passed on to the ranks too
 _PER_ROUND = (
@@ -305,6 +304,7 @@ class Node:
     console_local_ranks: set[int] | None = None  # torchrun's --local-ranks-filter
     prefix: str = '[{tag}]: '  # the console prefix template (torchrun's --log-line-prefix-template)
     virtual_local_rank: bool = False  # torchrun's --virtual-local-rank: LOCAL_RANK=0 in every worker
+    stop_signals: tuple[int, ...] = STOP_SIGNALS  # torchrun's --signals-to-handle (signal_policy)
 
     def shown(self, workers: list[Any]) -> list[int] | None:
         """Which of this round's workers (by index) the console shows; None: all."""
@@ -353,7 +353,7 @@ class _SupervisedAgentMixin:
     # -- signals ---------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: object) -> None:
         sup = self.sup if self.started else None
-        if signum in _FORWARDED_SIGNALS + _JOB_CONTROL:
+        if signum not in self.node.stop_signals and signum in _FORWARDED_SIGNALS + _JOB_CONTROL:
             if sup is not None and not sup.done:
                 sup.send_signal(signum)  # SIGTSTP: the core passes it on, then stops this process
             elif signum == signal.SIGTSTP:
@@ -721,8 +721,9 @@ def _run_agent(
     )
     saved: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in not_ignored(_STOP_SIGNALS + _FORWARDED_SIGNALS):
-            saved[signum] = signal.signal(signum, _raise_stop if signum in _STOP_SIGNALS else signal.SIG_IGN)
+        stops = node.stop_signals
+        for signum in not_ignored(dict.fromkeys(stops + _FORWARDED_SIGNALS)):
+            saved[signum] = signal.signal(signum, _raise_stop if signum in stops else signal.SIG_IGN)
         for signum in _JOB_CONTROL:
             saved[signum] = signal.getsignal(signum)  # the agent's handler from its start on
     client = handler = None

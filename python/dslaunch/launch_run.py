@@ -124,6 +124,16 @@ def _rank_spec(plan: RankPlan, env: dict[str, str]) -> _core.RankSpec:
                           console=plan.console, stdout_log_file=out_log, stderr_log_file=err_log)
 
 
+def _forwarded_with(stop_signals: Sequence[int] | None) -> list[int] | None:
+    """What the Supervisor passes on when `stop_signals` stop the job: its default list and those
+    (None: the core's default)."""
+    if stop_signals is None:
+        return None
+    from dslaunch.signal_policy import FORWARDED
+
+    return list(dict.fromkeys((*FORWARDED, *stop_signals)))
+
+
 def run_plans(
     plans: Sequence[RankPlan],
     environ: Mapping[str, str],
@@ -142,6 +152,7 @@ def run_plans(
     status_line: str = 'auto',
     quiet: bool = False,
     prefix: str = DEFAULT_PREFIX,
+    stop_signals: Sequence[int] | None = None,
 ) -> int:
     """Starts the planned ranks, waits for them, prints the report; returns the job's status
     (`command_exit.job_status`: -N when signal N stopped it).
@@ -149,7 +160,8 @@ def run_plans(
     Observability (docs/observability.md): `hang_timeout` > 0 starts the hang watchdog
     (`hang.py`); `collapse` ('auto': on a terminal) prints identical lines of several ranks once;
     `status_line` ('auto') keeps a live status line below the output on a terminal. The job id is
-    printed once at start (unless `quiet`), for `dslaunch stacks <job id>`.
+    printed once at start (unless `quiet`), for `dslaunch stacks <job id>`. `stop_signals` (default
+    `signal_policy.STOP_SIGNALS`): the signals that end the job, passed on to the ranks first.
 
     Under a multi-node runner (`DSLAUNCH_REPORT_TO` and `DSLAUNCH_JOB_TOKEN` in `environ`), the
     first failure is reported to the runner the moment it happens, and a stop from the runner
@@ -192,6 +204,8 @@ def run_plans(
         status_line=status_line != 'off',
         merge_stderr=merged,
         keep_last_line=hang_timeout > 0,
+        stop_signals=None if stop_signals is None else list(stop_signals),
+        forward_signals=_forwarded_with(stop_signals),
     )
     watch = None
     if hang_timeout > 0:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from dslaunch.errors import UsageError
+from dslaunch.signal_policy import TORCHRUN_SIGNALS, stop_signals_from
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs the CLI start-up time
 if TYPE_CHECKING:
@@ -131,6 +132,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument('--virtual-local-rank', '--virtual_local_rank', dest='virtual_local_rank', action='store_true',
                    help='each worker sees only its own GPU, as device 0: LOCAL_RANK=0 and CUDA_VISIBLE_DEVICES '
                         "= its entry of this process's list (or its local rank)")
+    p.add_argument('--signals-to-handle', '--signals_to_handle', dest='signals_to_handle', default=TORCHRUN_SIGNALS,
+                   help='signals that stop the job, passed on to the workers first (SIGKILL after the shutdown '
+                        'timeout), e.g. SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 under Slurm; SIGTERM, SIGINT, SIGHUP '
+                        'and SIGQUIT always do; other signals dslaunch passes on (SIGUSR1/2) leave the job running')
     p.add_argument('--raw_output', action='store_true', help='no rank prefix on console lines')
     p.add_argument('--grace_period', type=float, default=None, help="dslaunch's name for --shutdown-timeout")
     p.add_argument('--dry_run', action='store_true')
@@ -402,6 +407,7 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
         role=args.role,
         prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX,
         virtual_local_rank=args.virtual_local_rank,
+        stop_signals=stop_signals_from(args.signals_to_handle),
     )
     host = cfg.endpoint.rpartition(':')[0]
     return elastic.run_node(cfg, node, argparse.Namespace(log_level='info', node_rank=None, master_addr=host))
@@ -440,7 +446,7 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: 
         # see True; the ranks' rank 0 hosts its own store (no agent store to share here)
         env.update({
             'TORCHELASTIC_RUN_ID': run_id, 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
-            'TORCHELASTIC_USE_AGENT_STORE': 'False',
+            'TORCHELASTIC_USE_AGENT_STORE': 'False', 'TORCHELASTIC_SIGNALS_TO_HANDLE': args.signals_to_handle,
             'TORCH_NCCL_ASYNC_ERROR_HANDLING': os.environ.get('TORCH_NCCL_ASYNC_ERROR_HANDLING', '1'),
         })
         if nproc > 1 and 'OMP_NUM_THREADS' not in os.environ:
@@ -500,6 +506,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     if not 0 <= args.master_port <= 65535:
         raise UsageError(f'--master-port {args.master_port} is not a port number (0-65535)')
     grace = grace_of(args, os.environ)  # a bad timeout is one line before anything starts
+    stops = stop_signals_from(args.signals_to_handle)
     run_id = torch_run_id(args.rdzv_id, standalone=asked_standalone, rdzv_backend=given_backend,
                           rdzv_endpoint=given_endpoint, master_port=given_port, one_node=one_node)
     plans = _worker_plans(args, run_id)
@@ -536,7 +543,7 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         console = {p.rank for p in plans if p.local_rank in local}
     try:
         return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
-                         grace_period=grace,
+                         grace_period=grace, stop_signals=stops,
                          prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX)
     finally:
         error_files.finish()

@@ -421,7 +421,7 @@ impl PySupervisor {
     #[new]
     #[pyo3(signature = (
         ranks, *, env=None, prefix=Some("[{tag}]: ".to_owned()), console_ranks=None, grace_period=30.0,
-        forward_signals=None, fail_fast=true, stderr_tail=20, orphan_guard=true, kill_leftovers=true,
+        forward_signals=None, stop_signals=None, fail_fast=true, stderr_tail=20, orphan_guard=true, kill_leftovers=true,
         run_id=None, max_line_bytes=65536, stdout_fd=1, stderr_fd=2, collapse="off", collapse_window=0.25,
         status_line=false, keep_last_line=false, merge_stderr=false
     ))]
@@ -433,6 +433,7 @@ impl PySupervisor {
         console_ranks: Option<Vec<usize>>,
         grace_period: f64,
         forward_signals: Option<Vec<i32>>,
+        stop_signals: Option<Vec<i32>>,
         fail_fast: bool,
         stderr_tail: usize,
         orphan_guard: bool,
@@ -491,6 +492,20 @@ impl PySupervisor {
         {
             return Err(PyValueError::new_err(format!("cannot forward signal {bad}")));
         }
+        let stop_signals = stop_signals.unwrap_or_else(|| signals::TERMINATING.to_vec());
+        if let Some(bad) = stop_signals.iter().find(|s| {
+            !signals::is_valid(**s)
+                || [
+                    libc::SIGKILL,
+                    libc::SIGSTOP,
+                    libc::SIGTSTP,
+                    libc::SIGCONT,
+                    libc::SIGCHLD,
+                ]
+                .contains(*s)
+        }) {
+            return Err(PyValueError::new_err(format!("signal {bad} cannot be a stop signal")));
+        }
         let mut rank_cfgs: Vec<RankConfig> = ranks.iter().map(|r| r.cfg.clone()).collect();
         for (i, r) in rank_cfgs.iter_mut().enumerate() {
             if r.tag.is_empty() {
@@ -514,6 +529,7 @@ impl PySupervisor {
             base_env,
             prefix,
             grace: secs(grace_period),
+            stop_signals,
             fail_fast,
             stderr_tail,
             orphan_guard,
@@ -710,7 +726,7 @@ impl PySupervisor {
     }
 
     /// Forwards `signal` to every running rank's process group, as if the launcher had received
-    /// it (SIGINT, SIGTERM, SIGHUP and SIGQUIT also end the job).
+    /// it (the stop signals, SIGINT, SIGTERM, SIGHUP and SIGQUIT by default, also end the job).
     fn send_signal(&self, signal: i32) -> PyResult<()> {
         if !signals::is_valid(signal) {
             return Err(PyValueError::new_err(format!("invalid signal {signal}")));

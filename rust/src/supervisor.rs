@@ -65,6 +65,9 @@ pub struct Config {
     pub prefix: Option<String>,
     /// Time between the polite signal and SIGKILL when tearing down.
     pub grace: Duration,
+    /// The signals that, received (`Command::Signal`/`Stop`), also end the job; the others are
+    /// only passed on. Default `signals::TERMINATING`.
+    pub stop_signals: Vec<i32>,
     /// Tear everything down when one rank fails.
     pub fail_fast: bool,
     /// How many of each rank's last stderr lines to keep for the report.
@@ -116,6 +119,7 @@ impl Default for Config {
             base_env: None,
             prefix: Some("[{tag}]: ".into()),
             grace: Duration::from_secs(30),
+            stop_signals: signals::TERMINATING.to_vec(),
             fail_fast: true,
             stderr_tail: 20,
             orphan_guard: true,
@@ -137,8 +141,8 @@ impl Default for Config {
 /// What the caller can ask of a running job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// A signal the launcher received: forwarded to every rank's group. SIGINT, SIGTERM, SIGHUP
-    /// and SIGQUIT also end the job (SIGKILL after the grace period; a second one kills at once).
+    /// A signal the launcher received: forwarded to every rank's group. The stop signals (SIGINT,
+    /// SIGTERM, SIGHUP and SIGQUIT by default: `Config::stop_signals`) also end the job (SIGKILL after the grace period; a second one kills at once).
     /// SIGTSTP (Ctrl-Z) then stops the launcher's own process too, as the shell expects.
     Signal(i32),
     /// A stop asked for from outside, as by a multi-node runner: the same as `Signal(sig)` while
@@ -655,6 +659,7 @@ struct Loop {
     shared: Arc<Shared>,
     marker: Vec<u8>,
     grace: Duration,
+    stop_signals: Vec<i32>,
     fail_fast: bool,
     kill_leftovers: bool,
     tail_lines: usize,
@@ -749,6 +754,7 @@ impl Loop {
             shared,
             marker,
             grace: cfg.grace,
+            stop_signals: cfg.stop_signals.clone(),
             fail_fast: cfg.fail_fast,
             kill_leftovers: cfg.kill_leftovers,
             tail_lines: cfg.stderr_tail,
@@ -877,14 +883,14 @@ impl Loop {
         let cmds = std::mem::take(&mut *lock(&self.shared.commands));
         for cmd in cmds {
             match cmd {
-                Command::Signal(sig) if signals::TERMINATING.contains(&sig) => {
+                Command::Signal(sig) if self.stop_signals.contains(&sig) => {
                     if self.teardown.is_none() {
                         self.interrupt(sig);
                     } else {
                         self.escalate();
                     }
                 }
-                Command::Stop(sig) if signals::TERMINATING.contains(&sig) => {
+                Command::Stop(sig) if self.stop_signals.contains(&sig) => {
                     if self.teardown.is_none() {
                         self.interrupt(sig);
                     }

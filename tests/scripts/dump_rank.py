@@ -8,7 +8,7 @@ import sys
 KEYS = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'CROSS_RANK', 'CROSS_SIZE', 'MASTER_ADDR',
         'MASTER_PORT', 'CUDA_VISIBLE_DEVICES', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'OMP_NUM_THREADS', 'DSLAUNCH_RUN_ID',
         'ROLE_NAME', 'TORCHELASTIC_RUN_ID', 'TORCHELASTIC_RESTART_COUNT', 'TORCHELASTIC_USE_AGENT_STORE',
-        'TORCHELASTIC_ERROR_FILE']
+        'TORCHELASTIC_ERROR_FILE', 'TORCHELASTIC_SIGNALS_TO_HANDLE']
 rank = os.environ.get('RANK', 'x')
 with open(os.path.join(os.environ['DUMP_DIR'], f'rank{rank}.json'), 'w') as f:
     error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')

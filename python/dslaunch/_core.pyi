@@ -145,11 +145,12 @@ class Supervisor:
         console_ranks: Only these rank indices are shown on the console (default: all).
         grace_period: Seconds between the polite signal and SIGKILL when tearing down.
         forward_signals: Signals of the launcher forwarded to every rank's process group while
-            the job runs (default SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT;
-            handlers are installed by `start()` on the main thread and restored when the job is
-            over; a signal ignored at that moment stays ignored, as `nohup`'s SIGHUP). The stop
-            signals also end the job; a second one kills at once. After forwarding SIGTSTP (Ctrl-Z) the launcher's process stops itself; SIGCONT
-            (`fg`, `bg`) resumes it and is forwarded.
+            the job runs (default SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGTSTP,
+            SIGCONT; handlers are installed by `start()` on the main thread and restored when the
+            job is over; a signal ignored at that moment stays ignored, as `nohup`'s SIGHUP). The
+            stop signals also end the job; a second one kills at once. After forwarding SIGTSTP
+            (Ctrl-Z) the launcher's process stops itself; SIGCONT (`fg`, `bg`) resumes it and is
+            forwarded.
         stop_signals: The signals that, received (or given to `send_signal`/`stop`), end the job
             as well as being passed on (default SIGINT, SIGTERM, SIGHUP, SIGQUIT; torchrun's
             `--signals-to-handle`). ValueError for SIGKILL, SIGSTOP, SIGTSTP, SIGCONT, SIGCHLD.

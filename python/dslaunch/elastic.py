@@ -324,10 +324,11 @@ class _SupervisedAgentMixin:
 
     ``_agent_class()`` combines it with ``SimpleElasticAgent`` (torch is imported only then).
     Each rendezvous round's ranks are one Supervisor job (fail-fast, whole-tree teardown, prefixed
-    output, orphan guard). Signals: the first SIGINT/SIGTERM/SIGHUP/SIGQUIT ends the agent through torch's
-    ``SignalException`` path (the ranks get that signal, SIGKILL after the grace period); a second
-    one kills the ranks at once; SIGUSR1/SIGUSR2 are forwarded to the ranks, and so are SIGTSTP
-    (Ctrl-Z: this process then stops too) and SIGCONT.
+    output, orphan guard). Signals: the first stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT, and
+    those of torchrun's ``--signals-to-handle``) ends the agent through torch's ``SignalException``
+    path (the ranks get that signal, SIGKILL after the grace period); a second one kills the ranks
+    at once; SIGUSR1/SIGUSR2 are otherwise forwarded to the ranks, and so are SIGTSTP (Ctrl-Z: this
+    process then stops too) and SIGCONT.
     """
 
     _remaining_restarts: int  # SimpleElasticAgent's
@@ -529,8 +530,7 @@ class _SupervisedAgentMixin:
         finished wait for every node (torch's agent never arrives there after a failure, so they
         wait the whole ``exit_barrier_timeout``, 300 s, for it). Best effort: it uses torch's
         private barrier half, and a store that is gone or slow must not delay this node's exit."""
-        # The others then wait as under torchrun.
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # then the others wait, as under torchrun
             from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
             from torch.distributed.elastic.utils.store import _barrier_nonblocking, store_timeout
 

@@ -28,7 +28,7 @@ def stop_signals_from(names: str) -> tuple[int, ...]:
     no signal, or one that cannot be handled, is a warning, not an error."""
     stops = list(STOP_SIGNALS)
     for name in filter(None, (n.strip() for n in names.split(','))):
-        sig = getattr(signal.Signals, name, None)
+        sig = signal.Signals.__members__.get(name)
         if sig is None or sig in _NEVER_A_STOP:
             why = 'no such signal' if sig is None else 'cannot be one that stops the job'
             print(f'dslaunch: warning: --signals-to-handle: {name}: {why}; ignored', file=sys.stderr)

@@ -128,7 +128,7 @@ def test_static_rendezvous_endpoint_gives_master_addr_and_port(tmp_path: Path) -
     (['--rdzv-backend', 'etcd', '--nnodes', '2', '--nproc-per-node', '1'], 'elastic jobs here use the c10d rendezvous'),
     (['--nnodes', '2:1', '--nproc-per-node', '1'], 'the maximum is below the minimum'),
     (['--nnodes', '1:x', '--nproc-per-node', '1'], 'expected a node count N or a range MIN:MAX'),
-    (['--nnodes', '1:2', '--tee', '3', '--nproc-per-node', '1'], 'not supported with an elastic job'),
+    (['--nnodes', '1:2', '--tee', '9', '--nproc-per-node', '1'], "--tee '9': expected 0-3"),
     (['--nnodes', '1:2', '--rdzv-endpoint', 'localhost:0', '--nproc-per-node', '1'], 'port 0 only works for one node'),
     (['--max-restarts', '1', '--rdzv-conf', 'join_timeout=soon', '--nproc-per-node', '1'], 'join_timeout must be'),
     (['--rdzv-endpoint', 'nohostport', '--nproc-per-node', '1'], 'expected HOST:PORT'),
@@ -324,6 +324,44 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
                                         [ln for ln in ours[1] if ln.startswith('[default0]')], ours[2])
     assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
     assert got['dslaunch.torch_launch'][2], 'some stream was logged'
+
+
+@pytest.mark.parametrize('flags', [['--tee', '3'], ['--redirects', '0:3,1:1', '--tee', '1:2']])
+def test_redirects_and_tee_on_an_elastic_line_as_torchrun_gives_them(tmp_path: Path, flags: list[str]) -> None:
+    """The same on torchrun's elastic path (`--nnodes 1:1 --rdzv-backend c10d`, as a multi-node
+    torchtitan line with `--tee 3`): the console and the `attempt_0/<local rank>/<stream>.log` files,
+    side by side with torchrun."""
+    script = tmp_path / 'both.py'
+    script.write_text(BOTH_STREAMS)
+    got = {}
+    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
+        log_dir = tmp_path / module
+        use_env = ['--use-env'] if module.startswith('dslaunch') else []
+        proc = torch_module(*use_env, '--nnodes', '1:1', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
+                            f'localhost:{free_port()}', *ELASTIC_QUICK, '--nproc-per-node', '2', '--log-dir',
+                            str(log_dir), *flags, str(script), module=module)
+        assert proc.returncode == 0, proc.stderr
+        got[module] = (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
+    assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
+    assert got['dslaunch.torch_launch'][2], 'some stream was logged'
+
+
+def test_tee_logs_of_a_restart_go_to_its_own_attempt_as_under_torchrun(tmp_path: Path) -> None:
+    """`--max-restarts 1 --tee 3`, a worker failing in the first attempt: each attempt's output is in
+    its own `attempt_<restart>/<local rank>/` directory, as torchrun writes them."""
+    script = tmp_path / 'flaky.py'
+    script.write_text(BOTH_STREAMS + 'import sys\nif os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and r == "1":\n'
+                                     '    sys.exit(3)\n')
+    got = {}
+    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
+        log_dir = tmp_path / module
+        use_env = ['--use-env'] if module.startswith('dslaunch') else []
+        proc = torch_module(*use_env, '--max-restarts', '1', '--nproc-per-node', '2', '--log-dir', str(log_dir),
+                            '--tee', '3', str(script), module=module)
+        assert proc.returncode == 0, proc.stderr
+        got[module] = _worker_logs(log_dir)
+    assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
+    assert {k.split('/')[0] for k in got['torch.distributed.run']} == {'attempt_0', 'attempt_1'}
 
 
 def test_prefix_template_from_the_option_or_the_environment(tmp_path: Path) -> None:

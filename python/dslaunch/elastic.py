@@ -305,6 +305,13 @@ class Node:
     prefix: str = '[{tag}]: '  # the console prefix template (torchrun's --log-line-prefix-template)
     virtual_local_rank: bool = False  # torchrun's --virtual-local-rank: LOCAL_RANK=0 in every worker
     stop_signals: tuple[int, ...] = STOP_SIGNALS  # torchrun's --signals-to-handle (signal_policy)
+    redirects: list[int] | None = None  # torchrun's --redirects, per local rank (torch_launch.std_streams)
+    tee: list[int] | None = None  # torchrun's --tee, per local rank
+
+    def streams_logged(self) -> bool:
+        """Whether --redirects/--tee send some worker's stream to its own `stdout.log`/`stderr.log`
+        (beside its error file, per attempt), instead of DeepSpeed-style per-rank log files."""
+        return any(self.redirects or ()) or any(self.tee or ())
 
     def shown(self, workers: list[Any]) -> list[int] | None:
         """Which of this round's workers (by index) the console shows; None: all."""
@@ -410,8 +417,7 @@ class _SupervisedAgentMixin:
                 env['TORCHELASTIC_ERROR_FILE'] = self.error_paths[w.local_rank]
             if node.virtual_local_rank:
                 env['LOCAL_RANK'] = '0'  # its one device (CUDA_VISIBLE_DEVICES, in the static part) is device 0
-            log = self._log_name(stamp, w.global_rank)
-            specs.append(_core.RankSpec(node.argv[w.local_rank], env=env, log_file=log, tag=str(w.global_rank)))
+            specs.append(self._rank_spec(w, env, stamp))
         shown = node.shown(worker_group.workers)
         # Per-rank log files keep the order a rank wrote stdout and stderr in: one pipe for both.
         merged = any(s.log_file for s in specs)
@@ -454,6 +460,19 @@ class _SupervisedAgentMixin:
             self.critical = False
         self.raise_pending()  # a stop signal that came while the ranks were starting
         return {w.local_rank: pid for w, pid in zip(worker_group.workers, sup.pids)}
+
+    def _rank_spec(self, worker: Any, env: dict[str, str], stamp: str) -> Any:
+        from dslaunch import _core
+
+        argv, tag, node = self.node.argv[worker.local_rank], str(worker.global_rank), self.node
+        if node.streams_logged() and worker.local_rank in self.error_paths:
+            from dslaunch.torch_launch import worker_streams
+
+            redirect, tee = (node.redirects or [0] * len(node.argv)), (node.tee or [0] * len(node.argv))
+            console, (out, err) = worker_streams(redirect[worker.local_rank], tee[worker.local_rank],
+                                                 self.error_paths[worker.local_rank])
+            return _core.RankSpec(argv, env=env, tag=tag, console=console, stdout_log_file=out, stderr_log_file=err)
+        return _core.RankSpec(argv, env=env, log_file=self._log_name(stamp, worker.global_rank), tag=tag)
 
     def _log_name(self, stamp: str, rank: int) -> str | None:
         from dslaunch.launch import rank_log_name
@@ -637,6 +656,10 @@ def run_node(cfg: ElasticConfig, node: Node, args: argparse.Namespace, report_to
     from dslaunch.launch_run import PidFile
 
     node.error_files = ErrorFiles(node.log_dir, cfg.run_id)
+    if node.streams_logged():
+        node.error_files.keep = True
+        print(f'dslaunch: worker logs (--redirects/--tee): {node.error_files.run_dir}/attempt_<restart>/<local rank>/'
+              '{stdout,stderr}.log', file=sys.stderr)
     try:
         with PidFile(getattr(args, 'save_pid', 0) or 0), _AgentEnvironment():
             return _run_agent(cfg, node, args, report_to, token)

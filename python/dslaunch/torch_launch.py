@@ -282,19 +282,25 @@ def prefix_template(args: argparse.Namespace, environ: Mapping[str, str]) -> str
 _SHOWN_UNLESS_HIDDEN: dict[int, bool | Literal['stdout', 'stderr']] = {0: True, 1: 'stderr', 2: 'stdout', 3: False}
 
 
+def worker_streams(redirect: int, tee: int, error_file: str) -> tuple[bool | Literal['stdout', 'stderr'],
+                                                                   tuple[str | None, str | None]]:
+    """One worker's --redirects/--tee values (`std_streams`) as its console (the streams redirected
+    and not tee'd are kept off it) and its `stdout.log`/`stderr.log` (each stream redirected or
+    tee'd, beside its error file, as torchrun lays them out)."""
+    logged, where = redirect | tee, os.path.dirname(error_file)
+    return _SHOWN_UNLESS_HIDDEN[redirect & ~tee], (os.path.join(where, 'stdout.log') if logged & 1 else None,
+                                                   os.path.join(where, 'stderr.log') if logged & 2 else None)
+
+
 def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int], error_files: dict[int, str]) -> bool:
-    """Applies --redirects/--tee (`std_streams`) to the plans: the streams redirected and not tee'd
-    are kept off the console, each redirected or tee'd stream is written to `stdout.log`/`stderr.log`
-    beside the worker's error file, as torchrun lays them out. False when no stream is logged."""
+    """Applies --redirects/--tee (`std_streams`) to the plans (`worker_streams`). False when no
+    stream is logged."""
     if not any(redirects) and not any(tee):
         return False
     for p in plans:
-        logged, hidden = redirects[p.local_rank] | tee[p.local_rank], redirects[p.local_rank] & ~tee[p.local_rank]
-        p.console = _SHOWN_UNLESS_HIDDEN[hidden]
-        if logged:
-            where = os.path.dirname(error_files[p.local_rank])
-            p.stream_logs = (os.path.join(where, 'stdout.log') if logged & 1 else None,
-                             os.path.join(where, 'stderr.log') if logged & 2 else None)
+        p.console, logs = worker_streams(redirects[p.local_rank], tee[p.local_rank], error_files[p.local_rank])
+        if any(logs):
+            p.stream_logs = logs
         # torch's files only, for every worker: a `<stamp>_rank<R>.log` of both streams would make
         # the job merge stderr into stdout, and the per-stream files could not be told apart
         p.log_name = None
@@ -352,9 +358,6 @@ def elastic_config(args: argparse.Namespace, free_port: Callable[[], int]) -> El
     low, high = (1, 1) if args.standalone else node_range(args.nnodes)
     if args.rdzv_backend.startswith('etcd'):
         raise UsageError(f'--rdzv-backend {args.rdzv_backend}: elastic jobs here use the c10d rendezvous')
-    if args.redirects != '0' or args.tee != '0':
-        raise UsageError('--redirects/--tee are not supported with an elastic job (--nnodes MIN:MAX, --max-restarts, '
-                         'or c10d across nodes): the output reaches the console, and --log-dir writes per-rank files')
     if args.max_restarts < 0:
         raise UsageError(f'--max-restarts must be >= 0, got {args.max_restarts}')
     nothing_named = args.rdzv_backend == 'static' and not args.rdzv_endpoint and args.master_port is None
@@ -387,10 +390,12 @@ def elastic_config(args: argparse.Namespace, free_port: Callable[[], int]) -> El
                          max_restarts=args.max_restarts, rdzv_conf=conf, local_addr=args.local_addr)
 
 
-def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: ElasticConfig, grace: float) -> int:
+def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: ElasticConfig, grace: float,
+                streams: tuple[list[int], list[int]]) -> int:
     """This node's elastic agent (`dslaunch.elastic`) for torchrun's elastic command lines: each
     rendezvous round gives the workers their RANK, WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT, ...;
-    `plans` give the rest (argv with `--local-rank`, OMP_NUM_THREADS, ...)."""
+    `plans` give the rest (argv with `--local-rank`, OMP_NUM_THREADS, ...); `streams` are the
+    workers' --redirects and --tee (`std_streams`)."""
     from dslaunch import elastic
     from dslaunch.launch_run import DEFAULT_PREFIX, parse_rank_selection
 
@@ -408,6 +413,8 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
         prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX,
         virtual_local_rank=args.virtual_local_rank,
         stop_signals=stop_signals_from(args.signals_to_handle),
+        redirects=streams[0],
+        tee=streams[1],
     )
     host = cfg.endpoint.rpartition(':')[0]
     return elastic.run_node(cfg, node, argparse.Namespace(log_level='info', node_rank=None, master_addr=host))
@@ -573,6 +580,7 @@ def _elastic_main(args: argparse.Namespace) -> int:
     # the node's workers as on a one-node world: every round sets their place in the job
     one = argparse.Namespace(**{**vars(args), 'nnodes': '1', 'node_rank': 0, 'master_port': 0})
     plans = _worker_plans(one, cfg.run_id)
+    streams = std_streams(args.redirects, len(plans), '--redirects'), std_streams(args.tee, len(plans), '--tee')
     if args.dry_run:
         print(f"# elastic: rendezvous '{cfg.run_id}' at {cfg.endpoint}, {cfg.min_nodes} to {cfg.max_nodes} nodes, "
               f'{cfg.max_restarts} restart(s); RANK, WORLD_SIZE, MASTER_ADDR/PORT, ... come from each round')
@@ -584,7 +592,7 @@ def _elastic_main(args: argparse.Namespace) -> int:
         from dslaunch.launch import ensure_rank_log_dir
 
         ensure_rank_log_dir(args.log_dir)
-    return run_elastic(args, plans, cfg, grace)
+    return run_elastic(args, plans, cfg, grace, streams)
 
 
 if __name__ == '__main__':  # `python -m dslaunch.torch_launch ...`, like `python -m torch.distributed.launch`

@@ -115,6 +115,37 @@ def test_elastic_job_across_two_hosts(runner: Runner, engine: Engine, tmp_path: 
     assert next(iter(masters))[1] != str(PORT)
 
 
+def test_torchtitans_multi_node_torchrun_line_with_tee(runner: Runner, tmp_path: Path) -> None:
+    """torchtitan's multi-node line (its Slurm script), started on h1 and h2: `--nnodes 2 --rdzv-backend
+    c10d --rdzv-endpoint h1:P --local-ranks-filter 0 --role rank --tee 3`. Each host's console shows
+    its local rank 0, prefixed `[rank0]:` (torch's `[${role_name}${local_rank}]:`); every worker's stdout and stderr are in
+    `<log dir>/<run id>_*/attempt_0/<local rank>/`; the 4 ranks train together."""
+    h1 = runner.cluster.address('h1')
+    jobs = []
+    try:
+        for host in ('h1', 'h2'):
+            jobs.append(runner.start('--nnodes', '2', '--nproc-per-node', '2', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
+                                     f'{h1}:{PORT}', '--rdzv-id', 'titan', '--local-ranks-filter', '0', '--role', 'rank',
+                                     '--tee', '3', '--log-dir', str(tmp_path / host), str(ROOT / 'examples' / 'train.py'),
+                                     '--steps', '5', host=host, name=host))
+        runs = [job.wait(180) for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+    assert all(runs), 'a host still running after 180 s'
+    logs = {p.relative_to(tmp_path).parts[0] + '/' + '/'.join(p.parts[-2:]): p.read_text()
+            for p in tmp_path.glob('h?/*/attempt_0/*/stdout.log')}
+    agree = re.findall(r'rank (\d): parameters identical on all 4 ranks: True', ''.join(logs.values()))
+    codes = [r.returncode for r in runs if r]
+    if codes != [0, 0] and len(agree) == 4 and TORCH_EXIT_RACE in ''.join(r.stderr for r in runs if r):
+        pytest.xfail(EXIT_RACE_FIX)
+    assert codes == [0, 0], [r.stderr[-2000:] for r in runs if r]
+    assert sorted(logs) == ['h1/0/stdout.log', 'h1/1/stdout.log', 'h2/0/stdout.log', 'h2/1/stdout.log'], logs
+    assert sorted(agree) == ['0', '1', '2', '3'], logs
+    for run, rank in zip(runs, ('0', '2')):  # local rank 0 of each host, prefixed as torchrun: role + local rank
+        assert run and set(re.findall(r'^(\[rank\d\]:rank \d)', run.stdout, flags=re.M)) == {f'[rank0]:rank {rank}'}, run
+
+
 @pytest.mark.parametrize('rendezvous', ['static', 'c10d'])
 def test_torchrun_lines_started_on_each_host_train_together(runner: Runner, rendezvous: str) -> None:
     """The torch front end across hosts, as torchrun is used: the same line on h1 and h2, either

@@ -22,6 +22,13 @@ import pytest
 TEST_TAG_VAR = 'DSLAUNCH_TEST_TAG'
 STRAGGLER_WAIT_S = 2.0
 
+# The tests play a user's terminal: what they start must not inherit signals ignored by whatever
+# started pytest (a background `bash .ci/run &` ignores SIGINT and SIGQUIT), because dslaunch keeps
+# an inherited SIG_IGN (nohup's SIGHUP), and its Ctrl-C and Ctrl-\ tests would then test that.
+for _sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
+
 
 def _stat_fields(pid: int) -> list[bytes] | None:
     """The fields of /proc/<pid>/stat after the command name (state first); None if gone."""

@@ -300,20 +300,26 @@ def _rank_lines(text: str) -> list[str]:
     return sorted(ln for ln in text.splitlines() if ln.startswith('[default'))
 
 
-@pytest.mark.parametrize('flags', [['--tee', '3'], ['--redirects', '3'], ['-r', '3', '-t', '2'], ['--tee', '0:3'],
-                                   ['--redirects', '0:3,1:1', '--tee', '1:2']])
-def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[str]) -> None:
+@pytest.mark.parametrize('flags, elastic', [
+    (['--tee', '3'], False), (['--redirects', '3'], False), (['-r', '3', '-t', '2'], False), (['--tee', '0:3'], False),
+    (['--redirects', '0:3,1:1', '--tee', '1:2'], False), (['--tee', '3'], True),
+    (['--redirects', '0:3,1:1', '--tee', '1:2'], True),
+])
+def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[str], elastic: bool) -> None:
     """What reaches the console (with torch's `[<role><local rank>]:` prefix) and which
     `stdout.log`/`stderr.log` files are written, compared with torch's own torchrun on the same
-    command line. (Under `--tee 0:3` torch shows worker 1's lines bare, dslaunch with worker 1's
-    prefix: the prefix is per worker here, documented.)"""
+    command line; also on torchrun's elastic path (`--nnodes 1:1 --rdzv-backend c10d`, as
+    torchtitan's multi-node line with `--tee 3`). (Under `--tee 0:3` torch shows worker 1's lines
+    bare, dslaunch with worker 1's prefix: the prefix is per worker here, documented.)"""
     script = tmp_path / 'both.py'
     script.write_text(BOTH_STREAMS)
     got = {}
     for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
         log_dir = tmp_path / module
         use_env = ['--use-env'] if module.startswith('dslaunch') else []
-        proc = torch_module(*use_env, '--nproc-per-node', '2', '--log-dir', str(log_dir), *flags, str(script),
+        meet = ['--nnodes', '1:1', '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{free_port()}',
+                *ELASTIC_QUICK] if elastic else []
+        proc = torch_module(*use_env, *meet, '--nproc-per-node', '2', '--log-dir', str(log_dir), *flags, str(script),
                             module=module)
         assert proc.returncode == 0, proc.stderr
         got[module] = (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
@@ -322,26 +328,6 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
         assert ('[default1]:out 1' in ours[0], '[default1]:err 1' in ours[1]) == (True, True)
         got['dslaunch.torch_launch'] = ([ln for ln in ours[0] if ln.startswith('[default0]')],
                                         [ln for ln in ours[1] if ln.startswith('[default0]')], ours[2])
-    assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
-    assert got['dslaunch.torch_launch'][2], 'some stream was logged'
-
-
-@pytest.mark.parametrize('flags', [['--tee', '3'], ['--redirects', '0:3,1:1', '--tee', '1:2']])
-def test_redirects_and_tee_on_an_elastic_line_as_torchrun_gives_them(tmp_path: Path, flags: list[str]) -> None:
-    """The same on torchrun's elastic path (`--nnodes 1:1 --rdzv-backend c10d`, as a multi-node
-    torchtitan line with `--tee 3`): the console and the `attempt_0/<local rank>/<stream>.log` files,
-    side by side with torchrun."""
-    script = tmp_path / 'both.py'
-    script.write_text(BOTH_STREAMS)
-    got = {}
-    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
-        log_dir = tmp_path / module
-        use_env = ['--use-env'] if module.startswith('dslaunch') else []
-        proc = torch_module(*use_env, '--nnodes', '1:1', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
-                            f'localhost:{free_port()}', *ELASTIC_QUICK, '--nproc-per-node', '2', '--log-dir',
-                            str(log_dir), *flags, str(script), module=module)
-        assert proc.returncode == 0, proc.stderr
-        got[module] = (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
     assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
     assert got['dslaunch.torch_launch'][2], 'some stream was logged'
 

@@ -252,6 +252,23 @@ def test_one_stream_on_the_console_and_a_log_file_per_stream(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in ('.out', '.err')) == ['0.err', '1.err', '1.out', '2.out']
 
 
+def test_a_bare_stream_has_no_prefix_and_is_never_collapsed(tmp_path: Path) -> None:
+    """`RankSpec(bare=...)`: torchrun prefixes only the streams it tees. The bare stream's lines come
+    as written, and identical bare lines of several ranks stay apart even with `collapse='on'`,
+    while the prefixed stream's still collapse."""
+    both = '/bin/sh', '-c', 'echo same; echo err >&2'
+    ranks = [_core.RankSpec(both, bare='stderr'), _core.RankSpec(both, bare='stderr')]
+    with console('file', tmp_path, 'out') as (out_fd, out), console('file', tmp_path, 'err') as (err_fd, err):
+        report = _core.Supervisor(ranks, stdout_fd=out_fd, stderr_fd=err_fd, collapse='on', collapse_window=5).run()
+    assert report.returncode == 0
+    assert out[0] == b'[0-1]: same\n' and err[0] == b'err\nerr\n'
+    with console('file', tmp_path, 'out2') as (out_fd, out), console('file', tmp_path, 'err2') as (err_fd, err):
+        _core.Supervisor([_core.RankSpec(both, bare=True, tag='7')], stdout_fd=out_fd, stderr_fd=err_fd).run()
+    assert (out[0], err[0]) == (b'same\n', b'err\n')
+    with pytest.raises(ValueError, match="bare must be True, False, 'stdout' or 'stderr'"):
+        _core.RankSpec(['true'], bare='both')
+
+
 def test_console_and_per_stream_logs_are_checked() -> None:
     with pytest.raises(ValueError, match='not both'):
         _core.RankSpec(['true'], log_file='a', stderr_log_file='b')

@@ -48,6 +48,8 @@ class RankSpec:
         stdout_log_file: A file for the rank's stdout alone (truncated first); not with `log_file`.
         stderr_log_file: A file for the rank's stderr alone; not with `log_file`. A stream without
             a file is not logged.
+        bare: Whose console lines come without the supervisor's prefix (and are never collapsed):
+            True (both streams), False, 'stdout' or 'stderr' (torchrun prefixes only tee'd streams).
     """
 
     def __new__(
@@ -61,6 +63,7 @@ class RankSpec:
         console: bool | Literal['stdout', 'stderr'] = True,
         stdout_log_file: _StrPath | None = None,
         stderr_log_file: _StrPath | None = None,
+        bare: bool | Literal['stdout', 'stderr'] = False,
     ) -> RankSpec: ...
     @property
     def argv(self) -> list[str]: ...

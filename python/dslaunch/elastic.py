@@ -469,9 +469,10 @@ class _SupervisedAgentMixin:
             from dslaunch.torch_launch import worker_streams
 
             redirect, tee = (node.redirects or [0] * len(node.argv)), (node.tee or [0] * len(node.argv))
-            console, (out, err) = worker_streams(redirect[worker.local_rank], tee[worker.local_rank],
-                                                 self.error_paths[worker.local_rank])
-            return _core.RankSpec(argv, env=env, tag=tag, console=console, stdout_log_file=out, stderr_log_file=err)
+            console, bare, (out, err) = worker_streams(redirect[worker.local_rank], tee[worker.local_rank],
+                                                       self.error_paths[worker.local_rank], tee_used=any(tee))
+            return _core.RankSpec(argv, env=env, tag=tag, console=console, bare=bare, stdout_log_file=out,
+                                  stderr_log_file=err)
         return _core.RankSpec(argv, env=env, log_file=self._log_name(stamp, worker.global_rank), tag=tag)
 
     def _log_name(self, stamp: str, rank: int) -> str | None:

@@ -109,7 +109,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
 class RankPlan:
     """One child process of this node. (A plain class: see `runner.Plan` on `dataclasses`.)"""
 
-    __slots__ = ('argv', 'console', 'env_overrides', 'local_rank', 'log_name', 'rank', 'stream_logs')
+    __slots__ = ('argv', 'bare', 'console', 'env_overrides', 'local_rank', 'log_name', 'rank', 'stream_logs')
 
     def __init__(self, *, rank: int, local_rank: int, argv: list[str], env_overrides: dict[str, str],
                  log_name: str | None) -> None:
@@ -119,8 +119,10 @@ class RankPlan:
         self.env_overrides = env_overrides  # set on top of the launcher's environment
         self.log_name = log_name  # per-rank log file (stdout and stderr), or None
         # torchrun's --tee/--redirects (torch_launch): the streams shown (`_core.RankSpec`'s
-        # `console`), and one file per stream (stdout's, stderr's; None: not logged) instead of `log_name`
+        # `console`), those shown without the prefix (`bare`), and one file per stream (stdout's,
+        # stderr's; None: not logged) instead of `log_name`
         self.console: bool | Literal['stdout', 'stderr'] = True
+        self.bare: bool | Literal['stdout', 'stderr'] = False
         self.stream_logs: tuple[str | None, str | None] | None = None
 
     def __repr__(self) -> str:

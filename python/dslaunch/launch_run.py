@@ -121,7 +121,7 @@ def _rank_spec(plan: RankPlan, env: dict[str, str]) -> _core.RankSpec:
 
     out_log, err_log = plan.stream_logs or (None, None)
     return _core.RankSpec(plan.argv, env=env, log_file=plan.log_name, tag=str(plan.rank),
-                          console=plan.console, stdout_log_file=out_log, stderr_log_file=err_log)
+                          console=plan.console, stdout_log_file=out_log, stderr_log_file=err_log, bare=plan.bare)
 
 
 def _forwarded_with(stop_signals: Sequence[int] | None) -> list[int] | None:

@@ -278,18 +278,22 @@ def prefix_template(args: argparse.Namespace, environ: Mapping[str, str]) -> str
                                               hostname=socket.gethostname())
 
 
-#: A worker's console, by its streams kept off it (1 stdout, 2 stderr): `_core.RankSpec`'s `console`.
-_SHOWN_UNLESS_HIDDEN: dict[int, bool | Literal['stdout', 'stderr']] = {0: True, 1: 'stderr', 2: 'stdout', 3: False}
+#: Streams as `_core.RankSpec`'s `console`/`bare` take them, by a 0-3 value (1 stdout, 2 stderr):
+#: all but those streams, e.g. the console of a worker whose streams `value` are redirected.
+_ALL_BUT: dict[int, bool | Literal['stdout', 'stderr']] = {0: True, 1: 'stderr', 2: 'stdout', 3: False}
 
 
-def worker_streams(redirect: int, tee: int, error_file: str) -> tuple[bool | Literal['stdout', 'stderr'],
-                                                                   tuple[str | None, str | None]]:
-    """One worker's --redirects/--tee values (`std_streams`) as its console (the streams redirected
-    and not tee'd are kept off it) and its `stdout.log`/`stderr.log` (each stream redirected or
-    tee'd, beside its error file, as torchrun lays them out)."""
+def worker_streams(redirect: int, tee: int, error_file: str, *, tee_used: bool) -> tuple[
+        bool | Literal['stdout', 'stderr'], bool | Literal['stdout', 'stderr'], tuple[str | None, str | None]]:
+    """One worker's --redirects/--tee values (`std_streams`) as torchrun has them: its `console`
+    (all but the streams redirected and not tee'd), the streams shown `bare` (when the job tees at
+    all, `tee_used`, only tee'd streams are prefixed, as torch shows the others as they are; without
+    --tee dslaunch prefixes every line, its own default), and its `stdout.log`/`stderr.log` (each
+    stream redirected or tee'd, beside its error file)."""
     logged, where = redirect | tee, os.path.dirname(error_file)
-    return _SHOWN_UNLESS_HIDDEN[redirect & ~tee], (os.path.join(where, 'stdout.log') if logged & 1 else None,
-                                                   os.path.join(where, 'stderr.log') if logged & 2 else None)
+    return _ALL_BUT[redirect & ~tee], _ALL_BUT[tee] if tee_used else False, (
+        os.path.join(where, 'stdout.log') if logged & 1 else None,
+        os.path.join(where, 'stderr.log') if logged & 2 else None)
 
 
 def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int], error_files: dict[int, str]) -> bool:
@@ -298,7 +302,8 @@ def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int]
     if not any(redirects) and not any(tee):
         return False
     for p in plans:
-        p.console, logs = worker_streams(redirects[p.local_rank], tee[p.local_rank], error_files[p.local_rank])
+        p.console, p.bare, logs = worker_streams(redirects[p.local_rank], tee[p.local_rank],
+                                                 error_files[p.local_rank], tee_used=any(tee))
         if any(logs):
             p.stream_logs = logs
         # torch's files only, for every worker: a `<stamp>_rank<R>.log` of both streams would make

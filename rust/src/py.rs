@@ -72,9 +72,9 @@ pub struct PyRankSpec {
 impl PyRankSpec {
     #[new]
     #[pyo3(signature = (argv, *, env=None, cwd=None, log_file=None, tag=None, console=ConsoleArg::Shown(true),
-                        stdout_log_file=None, stderr_log_file=None),
+                        stdout_log_file=None, stderr_log_file=None, bare=ConsoleArg::Shown(false)),
            text_signature = "(argv, *, env=None, cwd=None, log_file=None, tag=None, console=True, \
-                             stdout_log_file=None, stderr_log_file=None)")]
+                             stdout_log_file=None, stderr_log_file=None, bare=False)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         argv: Vec<PathBuf>,
@@ -85,6 +85,7 @@ impl PyRankSpec {
         console: ConsoleArg,
         stdout_log_file: Option<PathBuf>,
         stderr_log_file: Option<PathBuf>,
+        bare: ConsoleArg,
     ) -> PyResult<Self> {
         if argv.is_empty() {
             return Err(PyValueError::new_err("argv must not be empty"));
@@ -104,6 +105,16 @@ impl PyRankSpec {
                 )))
             }
         };
+        let bare = match &bare {
+            ConsoleArg::Shown(b) => [*b, *b],
+            ConsoleArg::Stream(s) if s == "stdout" => [true, false],
+            ConsoleArg::Stream(s) if s == "stderr" => [false, true],
+            ConsoleArg::Stream(s) => {
+                return Err(PyValueError::new_err(format!(
+                    "bare must be True, False, 'stdout' or 'stderr', not {s:?}"
+                )))
+            }
+        };
         let env = match env {
             Some(e) => extract_env(e)?,
             None => Vec::new(),
@@ -120,6 +131,7 @@ impl PyRankSpec {
                 console: shown,
                 quiet_stdout,
                 quiet_stderr,
+                bare,
             },
         })
     }

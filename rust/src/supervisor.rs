@@ -52,6 +52,9 @@ pub struct RankConfig {
     /// With `Config::merge_stderr` both streams come as stdout.
     pub quiet_stdout: bool,
     pub quiet_stderr: bool,
+    /// This stream's console lines without the prefix, and never collapsed: `[stdout, stderr]`
+    /// (torchrun prefixes only the streams it tees). With `Config::merge_stderr` both come as stdout.
+    pub bare: [bool; 2],
 }
 
 /// How to run the job.
@@ -1602,7 +1605,8 @@ struct StatusLine {
 struct Console {
     out: Sink,
     err: Sink,
-    prefixes: Vec<Vec<u8>>,
+    /// Each rank's prefix of each stream (`[stdout, stderr]`; empty for a bare stream).
+    prefixes: Vec<[Vec<u8>; 2]>,
     template: Option<String>,
     tags: Vec<String>,
     collapser: Option<Collapser>,
@@ -1625,14 +1629,17 @@ impl Console {
             .iter()
             .enumerate()
             .map(|(i, rc)| {
-                cfg.prefix
+                let prefix: Vec<u8> = cfg
+                    .prefix
                     .as_ref()
                     .map(|p| {
                         p.replace("{rank}", &i.to_string())
                             .replace("{tag}", &rc.tag)
                             .into_bytes()
                     })
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                let of = |bare: bool| if bare { Vec::new() } else { prefix.clone() };
+                [of(rc.bare[0]), of(rc.bare[1])]
             })
             .collect();
         let (collapse_out, collapse_err) = match (cfg.collapse, &cfg.prefix) {
@@ -1679,15 +1686,17 @@ impl Console {
 
     /// One segment of rank `rank`: held by the collapser, or written behind the rank's prefix.
     fn line(&mut self, rank: usize, stderr: bool, seg: &[u8], ending: Ending, now: Instant) {
+        let prefix = &self.prefixes[rank][usize::from(stderr)];
         if let Some(c) = self.collapser.as_mut() {
             let on = if stderr { self.collapse_err } else { self.collapse_out };
-            if on && c.push(rank, stderr, seg, ending, now) {
+            // a bare stream has no prefix to name a rank range with
+            if on && !prefix.is_empty() && c.push(rank, stderr, seg, ending, now) {
                 return;
             }
         }
         self.erase_status();
         let sink = if stderr { &mut self.err } else { &mut self.out };
-        sink.push(&self.prefixes[rank], seg, ending);
+        sink.push(&self.prefixes[rank][usize::from(stderr)], seg, ending);
     }
 
     /// Writes the held lines that are due (all of them with `all`), oldest first.
@@ -1719,7 +1728,7 @@ impl Console {
             }
         }
         let prefix = if held.n_ranks() == 1 {
-            std::borrow::Cow::Borrowed(&self.prefixes[held.first as usize][..])
+            std::borrow::Cow::Borrowed(&self.prefixes[held.first as usize][usize::from(held.stderr)][..])
         } else {
             let tags = format_tags(held.ranks().map(|r| self.tags[r as usize].as_str()));
             let idx: Vec<String> = held.ranks().map(|r| r.to_string()).collect();

@@ -55,7 +55,8 @@ fn new_run_id() -> String {
         .unwrap_or_else(|_| format!("{:x}{:x}", std::process::id(), unix_time(SystemTime::now()).to_bits()))
 }
 
-/// `RankSpec(console=...)`: a bool, or the one stream shown ('stdout' or 'stderr').
+/// `RankSpec(console=...)` and `RankSpec(bare=...)`: a bool (both streams), or one stream
+/// (`'stdout'` or `'stderr'`).
 #[derive(FromPyObject, IntoPyObject)]
 enum ConsoleArg {
     Shown(bool),

@@ -329,10 +329,12 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
 
 def test_tee_logs_of_a_restart_go_to_its_own_attempt_as_under_torchrun(tmp_path: Path) -> None:
     """`--max-restarts 1 --tee 3`, a worker failing in the first attempt: each attempt's output is in
-    its own `attempt_<restart>/<local rank>/` directory, as torchrun writes them."""
+    its own `attempt_<restart>/<local rank>/` directory, as torchrun writes them. (The failing worker
+    waits 1 s, so that the other has written its lines before the failure stops it: dslaunch stops
+    it at once, torch only at its next look, 0.1 s later.)"""
     script = tmp_path / 'flaky.py'
-    script.write_text(BOTH_STREAMS + 'import sys\nif os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and r == "1":\n'
-                                     '    sys.exit(3)\n')
+    script.write_text(BOTH_STREAMS + 'import sys, time\nif os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and r == "1":\n'
+                                     '    time.sleep(1)\n    sys.exit(3)\n')
     got = {}
     for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
         log_dir = tmp_path / module

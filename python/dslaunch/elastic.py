@@ -305,13 +305,13 @@ class Node:
     prefix: str = '[{tag}]: '  # the console prefix template (torchrun's --log-line-prefix-template)
     virtual_local_rank: bool = False  # torchrun's --virtual-local-rank: LOCAL_RANK=0 in every worker
     stop_signals: tuple[int, ...] = STOP_SIGNALS  # torchrun's --signals-to-handle (signal_policy)
-    redirects: list[int] | None = None  # torchrun's --redirects, per local rank (torch_launch.std_streams)
-    tee: list[int] | None = None  # torchrun's --tee, per local rank
+    # torchrun's --redirects and --tee, per local rank (torch_launch.std_streams); None: DeepSpeed's path
+    streams: tuple[list[int], list[int]] | None = None
 
     def streams_logged(self) -> bool:
         """Whether --redirects/--tee send some worker's stream to its own `stdout.log`/`stderr.log`
         (beside its error file, per attempt), instead of DeepSpeed-style per-rank log files."""
-        return any(self.redirects or ()) or any(self.tee or ())
+        return self.streams is not None and (any(self.streams[0]) or any(self.streams[1]))
 
     def shown(self, workers: list[Any]) -> list[int] | None:
         """Which of this round's workers (by index) the console shows; None: all."""
@@ -465,11 +465,11 @@ class _SupervisedAgentMixin:
         from dslaunch import _core
 
         argv, tag, node = self.node.argv[worker.local_rank], str(worker.global_rank), self.node
-        if node.streams_logged() and worker.local_rank in self.error_paths:
+        if node.streams is not None and node.streams_logged() and worker.local_rank in self.error_paths:
             from dslaunch.torch_launch import worker_streams
 
-            redirect, tee = (node.redirects or [0] * len(node.argv)), (node.tee or [0] * len(node.argv))
-            console, bare, (out, err) = worker_streams(redirect[worker.local_rank], tee[worker.local_rank],
+            redirects, tee = node.streams
+            console, bare, (out, err) = worker_streams(redirects[worker.local_rank], tee[worker.local_rank],
                                                        self.error_paths[worker.local_rank], tee_used=any(tee))
             return _core.RankSpec(argv, env=env, tag=tag, console=console, bare=bare, stdout_log_file=out,
                                   stderr_log_file=err)

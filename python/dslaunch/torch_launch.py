@@ -418,8 +418,7 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
         prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX,
         virtual_local_rank=args.virtual_local_rank,
         stop_signals=stop_signals_from(args.signals_to_handle),
-        redirects=streams[0],
-        tee=streams[1],
+        streams=streams,
     )
     host = cfg.endpoint.rpartition(':')[0]
     return elastic.run_node(cfg, node, argparse.Namespace(log_level='info', node_rank=None, master_addr=host))

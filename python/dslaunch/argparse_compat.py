@@ -93,6 +93,15 @@ class CompatArgumentParser(argparse.ArgumentParser):
             help='A live status line (ranks running/exited/failed, elapsed time) below the output on a terminal.',
         )
 
+    def _parse_optional(self, arg_string: str) -> Any:  # argparse internal hook
+        # `--report_json=a b` spells a dslaunch option exactly, and argparse would take it before
+        # any prefix matching. DeepSpeed, which has no such option, takes a word with a space as a
+        # positional (the script, or the previous option's value): so does this parser.
+        name, eq, _ = arg_string.partition('=')
+        if eq and ' ' in arg_string and self._option_string_actions.get(name) in self._extension_actions:
+            return None
+        return super()._parse_optional(arg_string)
+
     def _get_option_tuples(self, option_string: str) -> list[Any]:  # argparse internal hook
         matches = super()._get_option_tuples(option_string)
         native = [m for m in matches if m[0] not in self._extension_actions]

@@ -144,7 +144,8 @@ class Supervisor:
     Args:
         ranks: The ranks, in rank order.
         env: The base environment of every rank (default: the launcher's own).
-        prefix: Console prefix template, `{tag}` and `{rank}` substituted; None for raw lines.
+        prefix: Console prefix template, `{tag}` and `{rank}` substituted (`{{` and `}}` are a
+            literal brace); None for raw lines.
         console_ranks: Only these rank indices are shown on the console (default: all).
         grace_period: Seconds between the polite signal and SIGKILL when tearing down.
         forward_signals: Signals of the launcher forwarded to every rank's process group while

@@ -64,7 +64,8 @@ pub struct Config {
     pub ranks: Vec<RankConfig>,
     /// The base environment of every rank; `None` inherits the launcher's.
     pub base_env: Option<Vec<(OsString, OsString)>>,
-    /// Console prefix template (`{rank}` = index, `{tag}` = the rank's tag); `None` for raw lines.
+    /// Console prefix template (`{rank}` = index, `{tag}` = the rank's tag, `{{`/`}}` = a brace);
+    /// `None` for raw lines.
     pub prefix: Option<String>,
     /// Time between the polite signal and SIGKILL when tearing down.
     pub grace: Duration,
@@ -1600,6 +1601,85 @@ struct StatusLine {
     next_tick: Instant,
 }
 
+/// One piece of a prefix template: text, `{rank}` or `{tag}`.
+#[derive(Debug, PartialEq)]
+enum Piece {
+    Text(String),
+    Rank,
+    Tag,
+}
+
+/// A prefix template's pieces: `{rank}` and `{tag}` are placeholders, `{{` and `}}` a literal
+/// brace (so a template can hold the text `{rank}`: torchrun's templates know only `${...}`);
+/// any other brace is text.
+fn template_pieces(template: &str) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    let mut rest = template;
+    while let Some(i) = rest.find(['{', '}']) {
+        text.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let (piece, len) = if rest.starts_with("{rank}") {
+            (Some(Piece::Rank), 6)
+        } else if rest.starts_with("{tag}") {
+            (Some(Piece::Tag), 5)
+        } else if rest.starts_with("{{") || rest.starts_with("}}") {
+            text.push_str(&rest[..1]);
+            (None, 2)
+        } else {
+            text.push_str(&rest[..1]);
+            (None, 1)
+        };
+        if let Some(piece) = piece {
+            if !text.is_empty() {
+                pieces.push(Piece::Text(std::mem::take(&mut text)));
+            }
+            pieces.push(piece);
+        }
+        rest = &rest[len..];
+    }
+    text.push_str(rest);
+    if !text.is_empty() {
+        pieces.push(Piece::Text(text));
+    }
+    pieces
+}
+
+/// `template` with `rank` and `tag` in their places, in one pass (a tag holding `{rank}` stays as
+/// it is).
+fn render_prefix(template: &str, rank: &str, tag: &str) -> String {
+    let mut out = String::with_capacity(template.len() + tag.len());
+    for piece in template_pieces(template) {
+        out.push_str(match &piece {
+            Piece::Text(t) => t,
+            Piece::Rank => rank,
+            Piece::Tag => tag,
+        });
+    }
+    out
+}
+
+/// The template's text before and after its one `{tag}`, when it has no `{rank}`: the common
+/// case, which `Console::write_held` renders without allocating.
+fn tag_split(template: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let pieces = template_pieces(template);
+    let at = pieces.iter().position(|p| *p == Piece::Tag)?;
+    if pieces.iter().filter(|p| matches!(p, Piece::Tag | Piece::Rank)).count() != 1 {
+        return None;
+    }
+    let text = |ps: &[Piece]| -> Vec<u8> {
+        ps.iter()
+            .filter_map(|p| match p {
+                Piece::Text(t) => Some(t.as_bytes()),
+                _ => None,
+            })
+            .flatten()
+            .copied()
+            .collect()
+    };
+    Some((text(&pieces[..at]), text(&pieces[at + 1..])))
+}
+
 /// Everything that reaches the console goes through here: the ranks' lines (straight, or held
 /// by the collapser), the launcher's messages, and the status line kept below them.
 struct Console {
@@ -1632,11 +1712,7 @@ impl Console {
                 let prefix: Vec<u8> = cfg
                     .prefix
                     .as_ref()
-                    .map(|p| {
-                        p.replace("{rank}", &i.to_string())
-                            .replace("{tag}", &rc.tag)
-                            .into_bytes()
-                    })
+                    .map(|p| render_prefix(p, &i.to_string(), &rc.tag).into_bytes())
                     .unwrap_or_default();
                 let of = |bare: bool| if bare { Vec::new() } else { prefix.clone() };
                 [of(rc.bare[0]), of(rc.bare[1])]
@@ -1672,12 +1748,7 @@ impl Console {
             collapse_err,
             status,
             started: Instant::now(),
-            tag_split: cfg.prefix.as_ref().and_then(|t| {
-                (!t.contains("{rank}") && t.matches("{tag}").count() == 1).then(|| {
-                    let (a, b) = t.split_once("{tag}").unwrap_or_default();
-                    (a.as_bytes().to_vec(), b.as_bytes().to_vec())
-                })
-            }),
+            tag_split: cfg.prefix.as_deref().and_then(tag_split),
             tag_nums: cfg.ranks.iter().map(|r| r.tag.parse::<u64>().ok()).collect(),
             scratch_nums: Vec::new(),
             scratch_prefix: Vec::new(),
@@ -1734,12 +1805,7 @@ impl Console {
             let idx: Vec<String> = held.ranks().map(|r| r.to_string()).collect();
             let template = self.template.as_deref().unwrap_or_default();
             let rank_range = format_tags(idx.iter().map(String::as_str));
-            std::borrow::Cow::Owned(
-                template
-                    .replace("{rank}", &rank_range)
-                    .replace("{tag}", &tags)
-                    .into_bytes(),
-            )
+            std::borrow::Cow::Owned(render_prefix(template, &rank_range, &tags).into_bytes())
         };
         let sink = if held.stderr { &mut self.err } else { &mut self.out };
         sink.push(&prefix, line, held.ending);
@@ -1864,4 +1930,29 @@ fn push_tail(tail: &mut VecDeque<Vec<u8>>, seg: &[u8], limit: usize) {
         }
     }
     tail.push_back(line[..line.len().min(4096)].to_vec());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_templates_render_in_one_pass_with_escaped_braces() {
+        assert_eq!(render_prefix("[{tag}]: ", "0", "3"), "[3]: ");
+        assert_eq!(render_prefix("{rank}/{tag} ", "1", "9"), "1/9 ");
+        // a literal `{rank}` written `{{rank}}`; a tag holding `{rank}` is not substituted again
+        assert_eq!(render_prefix("{{rank}}|{tag}|", "0", "5"), "{rank}|5|");
+        assert_eq!(render_prefix("<{tag}>", "0", "{rank}"), "<{rank}>");
+        // other braces are text
+        assert_eq!(render_prefix("{x} {tag} }", "0", "2"), "{x} 2 }");
+    }
+
+    #[test]
+    fn the_tag_split_is_the_text_around_the_one_tag() {
+        assert_eq!(tag_split("[{tag}]: "), Some((b"[".to_vec(), b"]: ".to_vec())));
+        assert_eq!(tag_split("{{tag}} {tag}}}"), Some((b"{tag} ".to_vec(), b"}".to_vec())));
+        assert_eq!(tag_split("{rank} {tag}"), None);
+        assert_eq!(tag_split("{tag}{tag}"), None);
+        assert_eq!(tag_split("plain"), None);
+    }
 }

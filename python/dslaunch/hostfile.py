@@ -100,13 +100,14 @@ def parse_hostfile_lines(lines: Iterable[str]) -> dict[str, int]:
             _log_bad_hostfile(raw)
             raise HostfileError(_BAD_ENTRY.format(one_line(line)))
         host = match.group(1)
+        try:  # before the duplicate check, whose error DeepSpeed gives only for a count it could read
+            slots = int(match.group(2))  # arbitrary precision: 20-digit counts parse fine
+        except ValueError as exc:  # more than sys.get_int_max_str_digits() digits: DeepSpeed's ValueError text
+            raise HostfileError(str(exc)) from None
         if host in pool:
             _log_bad_hostfile(raw)
             raise HostfileError(_DUPLICATE.format(one_line(host)))
-        try:
-            pool[host] = int(match.group(2))  # arbitrary precision: 20-digit counts parse fine
-        except ValueError as exc:  # more than sys.get_int_max_str_digits() digits: DeepSpeed's ValueError text
-            raise HostfileError(str(exc)) from None
+        pool[host] = slots
     if not pool:
         _log_bad_hostfile(raw)
         raise HostfileError(_EMPTY)

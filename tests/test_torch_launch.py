@@ -132,12 +132,67 @@ def test_static_rendezvous_endpoint_gives_master_addr_and_port(tmp_path: Path) -
     (['--nnodes', '1:2', '--rdzv-endpoint', 'localhost:0', '--nproc-per-node', '1'], 'port 0 only works for one node'),
     (['--max-restarts', '1', '--rdzv-conf', 'join_timeout=soon', '--nproc-per-node', '1'], 'join_timeout must be'),
     (['--rdzv-endpoint', 'nohostport', '--nproc-per-node', '1'], 'expected HOST:PORT'),
+    (['--rdzv-endpoint', 'nohostport', '--max-restarts', '1', '--nproc-per-node', '1'], 'expected HOST:PORT'),
+    (['--max-restarts', '1', '--rdzv-conf', 'is_host=on', '--nproc-per-node', '1'], 'is_host must be true or false'),
+    (['--max-restarts', '1', '--rdzv-conf', 'store_type=file', '--nproc-per-node', '1'], "store_type 'file': only 'tcp'"),
+    (['--local-ranks-filter', 'x', '--nproc-per-node', '1'], "--local-ranks-filter: 'x' is not a list of ranks"),
 ])
 def test_unsupported_rendezvous_is_one_error_line(tmp_path: Path, args: list[str], needle: str) -> None:
     proc = dslaunch(*args, DUMP, env={'DUMP_DIR': str(tmp_path)})
     assert proc.returncode != 0
     assert needle in one_error_line(proc)
     assert not list(tmp_path.iterdir())
+
+
+RECORD_SCRIPT = """import os, sys
+name = os.path.splitext(os.path.basename(__file__))[0]
+with open(os.path.join(os.environ['DUMP_DIR'], f'ran_{name}_{os.environ["LOCAL_RANK"]}'), 'w') as f:
+    f.write(' '.join(sys.argv[1:]))
+"""
+
+
+def test_the_local_rank_macro_names_each_workers_script(tmp_path: Path) -> None:
+    """torch applies `${local_rank}` (and `$$`) to the script's name too: worker N runs run_N.py;
+    a script missing for one worker is one error line before anything starts."""
+    for n in (0, 1):
+        (tmp_path / f'run_{n}.py').write_text(RECORD_SCRIPT)
+    script = str(tmp_path / 'run_${local_rank}.py')
+    proc = dslaunch('--nproc-per-node', '2', script, 'a$$b', env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / 'ran_run_0_0').read_text() == '--local-rank=0 a$b'
+    assert (tmp_path / 'ran_run_1_1').read_text() == '--local-rank=1 a$b'
+    (tmp_path / 'run_1.py').unlink()
+    proc = dslaunch('--nproc-per-node', '2', script, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode != 0
+    assert f"training script {str(tmp_path / 'run_1.py')!r} not found" in one_error_line(proc)
+
+
+def test_dash_m_alone_and_a_joined_short_value_select_the_torch_front_end(tmp_path: Path) -> None:
+    """`dslaunch -m mod` is torch.distributed.launch's `-m` (DeepSpeed's runner has no `-m`), and
+    `-r3` is `-r 3`, as argparse reads them."""
+    (tmp_path / 'recmod.py').write_text(RECORD_SCRIPT)
+    proc = dslaunch('-m', 'recmod', 'x', env={'DUMP_DIR': str(tmp_path), 'PYTHONPATH': str(tmp_path)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / 'ran_recmod_0').read_text() == '--local-rank=0 x'
+    proc = dslaunch('-r3', '--log-dir', str(tmp_path / 'logs'), DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert 'hello from rank 0' not in proc.stdout  # redirected, not tee'd
+    (log,) = (tmp_path / 'logs').glob('*/attempt_0/0/stdout.log')
+    assert log.read_text() == 'hello from rank 0\n'
+
+
+def test_print_completion_as_torchrun() -> None:
+    """torchrun's --print-completion: the completion script from the `shtab` package, or one line
+    and exit 1 without it (the .venv has no shtab)."""
+    proc = dslaunch('--print-completion', 'bash')
+    try:
+        import shtab  # noqa: F401
+    except ImportError:
+        assert proc.returncode == 1
+        assert one_error_line(proc) == "--print-completion requires the 'shtab' package: pip install shtab"
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert '--nproc-per-node' in proc.stdout
 
 
 def _args(**over: object) -> argparse.Namespace:
@@ -327,6 +382,22 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
     assert got['dslaunch.torch_launch'][2], 'some stream was logged'
 
 
+def test_braces_in_a_prefix_template_or_role_are_text_as_under_torchrun(tmp_path: Path) -> None:
+    """torch's templates know only `${...}`: a `{rank}` or `}}` in the template, or a role named
+    `{tag}`, is printed as written, never taken for one of the core's own placeholders."""
+    script = tmp_path / 'both.py'
+    script.write_text(BOTH_STREAMS)
+    got = {}
+    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
+        use_env = ['--use-env'] if module.startswith('dslaunch') else []
+        proc = torch_module(*use_env, '--nproc-per-node', '2', '--tee', '3', '--role', '{tag}',
+                            '--log-line-prefix-template', '{rank}|${rank}|${role_name}}}|', str(script), module=module)
+        assert proc.returncode == 0, proc.stderr
+        got[module] = sorted(ln for ln in proc.stdout.splitlines() if ln.endswith(('out 0', 'out 1')))
+    assert got['dslaunch.torch_launch'] == got['torch.distributed.run'] == ['{rank}|0|{tag}}}|out 0',
+                                                                           '{rank}|1|{tag}}}|out 1']
+
+
 def test_tee_logs_of_a_restart_go_to_its_own_attempt_as_under_torchrun(tmp_path: Path) -> None:
     """`--max-restarts 1 --tee 3`, a worker failing in the first attempt: each attempt's output is in
     its own `attempt_<restart>/<local rank>/` directory, as torchrun writes them. (The failing worker
@@ -379,7 +450,7 @@ def test_logs_without_a_log_dir_go_to_a_kept_temporary_directory(tmp_path: Path)
         shutil.rmtree(attempt.parent.parent)
 
 
-@pytest.mark.parametrize('flags', [['--tee', 'x'], ['--redirects', '4'], ['-r', '0:3,a:1'], ['-t', '0:9']])
+@pytest.mark.parametrize('flags', [['--tee', 'x'], ['--redirects', '4'], ['-r', '0:3,a:1'], ['-t', '0:9'], ['-r', '\u00b2:3']])
 def test_bad_redirects_or_tee_is_one_error_line(flags: list[str]) -> None:
     proc = dslaunch('--nproc-per-node', '2', *flags, 'train.py')
     assert proc.returncode == 1  # checked before the script (which does not exist here)

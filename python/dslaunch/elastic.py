@@ -64,7 +64,7 @@ ROLE = 'trainer'  # DeepSpeed's WorkerSpec role
 MONITOR_POLL_S = 0.5  # longest wait for a rank exit between two checks for waiting nodes
 INFO = 'dslaunch: elastic: '
 
-# --rdzv_conf keys torch's c10d rendezvous understands (seconds, counts, or a bool).
+# --rdzv_conf keys torch's c10d rendezvous understands (seconds, counts, a bool, a float, the store).
 _INT_KEYS = (
     'join_timeout',
     'last_call_timeout',
@@ -75,8 +75,9 @@ _INT_KEYS = (
     'read_timeout',
 )
 _BOOL_KEYS = ('is_host',)
-_TRUE = ('1', 'true', 'yes', 'y', 'on')
-_FALSE = ('0', 'false', 'no', 'n', 'off')
+_TRUE = ('1', 'true', 't', 'yes', 'y')  # torch's spellings (RendezvousParameters.get_as_bool), any case
+_FALSE = ('0', 'false', 'f', 'no', 'n')
+_OTHER_KEYS = ('cas_backoff_max_seconds', 'store_type')
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,9 @@ class ElasticConfig:
         return int(self.rdzv_conf['join_timeout'])
 
 
-def parse_rdzv_conf(text: str | None) -> dict[str, str]:
-    """``--rdzv_conf last_call_timeout=1,keep_alive_interval=2`` -> a dict; unknown keys and
-    non-numbers are a ``UsageError``."""
+def parse_rdzv_conf(text: str | None, option: str = '--rdzv_conf') -> dict[str, str]:
+    """``--rdzv_conf last_call_timeout=1,keep_alive_interval=2`` -> a dict; a key torch's c10d
+    rendezvous does not take, or a value it would refuse, is a ``UsageError`` naming `option`."""
     conf: dict[str, str] = {}
     for part in (text or '').split(','):
         part = part.strip()
@@ -107,17 +108,34 @@ def parse_rdzv_conf(text: str | None) -> dict[str, str]:
         key, sep, value = part.partition('=')
         key, value = key.strip(), value.strip()
         if not sep or not key:
-            raise UsageError(f'--rdzv_conf: expected KEY=VALUE, got {part!r}')
-        if key in _INT_KEYS:
-            if not value.isdigit() or int(value) <= 0:
-                raise UsageError(f'--rdzv_conf: {key} must be a positive whole number, got {value!r}')
-        elif key in _BOOL_KEYS:
-            if value.lower() not in _TRUE + _FALSE:
-                raise UsageError(f'--rdzv_conf: {key} must be true or false, got {value!r}')
-        else:
-            raise UsageError(f'--rdzv_conf: unknown key {key!r} (known: {", ".join(_INT_KEYS + _BOOL_KEYS)})')
+            raise UsageError(f'{option}: expected KEY=VALUE, got {part!r}')
+        problem = _rdzv_value_problem(key, value)
+        if problem:
+            raise UsageError(f'{option}: {problem}')
         conf[key] = value
     return conf
+
+
+def _rdzv_value_problem(key: str, value: str) -> str | None:
+    """What torch's c10d rendezvous would refuse in `key=value` (None: nothing)."""
+    if key in _INT_KEYS:
+        try:
+            ok = int(value) > 0
+        except ValueError:
+            ok = False
+        return None if ok else f'{key} must be a positive whole number, got {value!r}'
+    if key in _BOOL_KEYS:
+        return None if value.lower() in _TRUE + _FALSE else f'{key} must be true or false, got {value!r}'
+    if key == 'cas_backoff_max_seconds':
+        try:
+            ok = 0 <= float(value) < float('inf')
+        except ValueError:
+            ok = False
+        return None if ok else f'{key} must be a number of seconds >= 0, got {value!r}'
+    if key == 'store_type':
+        # torch's 'file' store takes the endpoint as a file path; nodes here meet at HOST:PORT
+        return None if value.lower() == 'tcp' else f"store_type {value!r}: only 'tcp' (the rendezvous meets at HOST:PORT)"
+    return f'unknown key {key!r} (known: {", ".join(_INT_KEYS + _BOOL_KEYS + _OTHER_KEYS)})'
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str], n_hosts: int) -> ElasticConfig:
@@ -711,6 +729,8 @@ def _rendezvous_handler(cfg: ElasticConfig, master_addr: str) -> Any:
     )
     try:
         return rdzv_registry.get_rendezvous_handler(params)
+    except (ValueError, TypeError) as e:  # a --rdzv_conf value torch refuses that parse_rdzv_conf let through
+        raise DslaunchError(f'the elastic rendezvous refused its settings (--rdzv_conf): {_cause(e)}') from None
     except RendezvousError as e:
         raise DslaunchError(
             f"cannot reach the elastic rendezvous '{cfg.run_id}' at {cfg.endpoint}: {_cause(e)}"

@@ -27,7 +27,7 @@ from dslaunch.errors import DslaunchError, UsageError, printable
 DEFAULT_PREFIX = '[{tag}]: '
 
 
-def parse_rank_selection(spec: str | None) -> set[int] | None:
+def parse_rank_selection(spec: str | None, option: str = '--console_ranks') -> set[int] | None:
     """`0,2-3` -> {0, 2, 3}; None or '' -> None (all ranks); `none` -> no rank (a quiet console, as
     DeepSpeed's with `--enable_each_rank_log`)."""
     if not spec:
@@ -48,7 +48,7 @@ def parse_rank_selection(spec: str | None) -> set[int] | None:
             else:
                 chosen.add(int(part))
         except ValueError:
-            raise UsageError(f'--console_ranks: {spec!r} is not a list of ranks like 0,2-3') from None
+            raise UsageError(f'{option}: {spec!r} is not a list of ranks like 0,2-3') from None
     return chosen
 
 

@@ -40,12 +40,14 @@ _TORCH_VALUE_OPTIONS = (
     '--log_line_prefix_template', '--duplicate-stdout-filters', '--duplicate_stdout_filters',
     '--duplicate-stderr-filters', '--duplicate_stderr_filters', '--local-addr', '--local_addr', '--logs-specs',
     '--logs_specs', '--numa-binding', '--numa_binding', '--signals-to-handle', '--signals_to_handle',
-    '--shutdown-timeout', '--shutdown_timeout',
+    '--shutdown-timeout', '--shutdown_timeout', '--print-completion', '--print_completion',
 )
 TORCH_ONLY_OPTIONS = _TORCH_VALUE_OPTIONS + (
     '--use-env', '--use_env', '--no-python', '--standalone', '--run-path', '--run_path', '--virtual-local-rank',
-    '--virtual_local_rank',
+    '--virtual_local_rank', '-m',
 )
+#: torch's short options with a value, which may be joined to it (`-r3`, `-t0:3`).
+_SHORT_VALUE_OPTIONS = ('-r', '-t')
 _SHARED_VALUE_OPTIONS = ('--node_rank', '--master_addr', '--master_port', '--max_restarts')
 
 
@@ -67,6 +69,9 @@ def _options_before_script(argv: Sequence[str]) -> list[str]:
             continue
         if not arg.startswith('-') or arg == '--':
             break
+        if arg[:2] in _SHORT_VALUE_OPTIONS and len(arg) > 2:
+            names.append(arg[:2])  # `-r3` is `-r 3`
+            continue
         name = arg.split('=', 1)[0]
         names.append(name)
         takes_value = '=' not in arg and name in _VALUE_OPTIONS
@@ -139,16 +144,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument('--raw_output', action='store_true', help='no rank prefix on console lines')
     p.add_argument('--grace_period', type=float, default=None, help="dslaunch's name for --shutdown-timeout")
     p.add_argument('--dry_run', action='store_true')
+    p.add_argument('--print-completion', '--print_completion', action=_PrintCompletion, choices=('bash', 'zsh', 'tcsh'),
+                   help="print a shell completion script for these options and exit (needs the 'shtab' package)")
     p.add_argument('training_script')
     p.add_argument('training_script_args', nargs=argparse.REMAINDER)
     _pet_defaults(p, os.environ)
     return p
 
 
+class _PrintCompletion(argparse.Action):
+    """torchrun's --print-completion SHELL: the completion script `shtab` makes from this parser,
+    then exit (an error line and status 1 without shtab, which is imported only here)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        try:
+            import shtab  # type: ignore[import-not-found]
+        except ImportError:
+            parser.exit(1, f"{option_string} requires the 'shtab' package: pip install shtab\n")
+        print(shtab.complete(parser, shell=values))
+        parser.exit()
+
+
 #: This front end's options that are not torchrun's: no PET_ variable for them (torch.distributed.launch's
 #: --use-env has none either).
-_NOT_TORCHRUNS = frozenset({'help', 'use_env', 'raw_output', 'grace_period', 'dry_run', 'training_script',
-                            'training_script_args'})
+_NOT_TORCHRUNS = frozenset({'help', 'use_env', 'raw_output', 'grace_period', 'dry_run', 'print_completion',
+                            'training_script', 'training_script_args'})
 
 
 def _pet_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -179,7 +200,8 @@ def nproc_from(spec: str) -> int:
             return os.cpu_count() or 1
 
     if spec in ('gpu', 'auto'):
-        n = gpu_count()
+        # CUDA_VISIBLE_DEVICES counts only where there are GPUs at all: torch sees none without
+        n = gpu_count() if gpu_count({}) else 0
         if n > 0 or spec == 'auto':
             return n or cpu_count()
         raise UsageError('--nproc-per-node gpu: no GPU found')
@@ -252,7 +274,7 @@ def std_streams(spec: str, nproc: int, option: str) -> list[int]:
     streams = [0] * nproc
     for item in spec.split(','):
         local, _, v = item.partition(':')
-        if not local.strip().isdigit():
+        if not local.strip().isdecimal():  # not isdigit: int() refuses '²'
             raise bad
         if int(local) < nproc:
             streams[int(local)] = value(v)
@@ -261,21 +283,24 @@ def std_streams(spec: str, nproc: int, option: str) -> list[int]:
     return streams
 
 
-def prefix_template(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+def prefix_template(args: argparse.Namespace, environ: Mapping[str, str], *, tee_used: bool) -> str | None:
     """torchrun's console prefix (--log-line-prefix-template, else TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE,
-    else `[${role_name}${local_rank}]:` for tee'd streams) as the core's prefix template (`{tag}` is
-    the global rank, `{rank}` the worker's index on this node: its local rank); None keeps
-    dslaunch's `[rank]: `."""
+    else `[${role_name}${local_rank}]:` when some worker's stream is tee'd, `tee_used`) as the core's
+    prefix template (`{tag}` is the global rank, `{rank}` the worker's index on this node: its local
+    rank); None keeps dslaunch's `[rank]: `."""
     template = args.log_line_prefix_template or environ.get('TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE', '')
-    if not template and args.tee != '0':
+    if not template and tee_used:
         template = '[${role_name}${local_rank}]:'
     if not template:
         return None
     import socket
     from string import Template
 
-    return Template(template).safe_substitute(rank='{tag}', local_rank='{rank}', role_name=args.role,
+    # torch's macros to the core's placeholders; every other brace, the role's and host name's
+    # included, is text (the core reads `{{` and `}}` as one brace). NUL is in no argument.
+    text = Template(template).safe_substitute(rank='\0T', local_rank='\0R', role_name=args.role,
                                               hostname=socket.gethostname())
+    return text.replace('{', '{{').replace('}', '}}').replace('\0T', '{tag}').replace('\0R', '{rank}')
 
 
 #: Streams as `_core.RankSpec`'s `console`/`bare` take them, by a 0-3 value (1 stdout, 2 stderr):
@@ -314,7 +339,7 @@ def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int]
 
 def substitute_local_rank(words: Sequence[str], local_rank: int) -> list[str]:
     """torchrun's macro: `${local_rank}` (or `$local_rank`) in the script's arguments becomes the
-    worker's local rank; any other `$` text is left alone."""
+    worker's local rank, and `$$` a `$`, as in torch; any other `$` text is left alone."""
     if not any('$' in w for w in words):
         return list(words)
     from string import Template  # only when needed: `string` is not on the CLI's start path
@@ -371,6 +396,8 @@ def elastic_config(args: argparse.Namespace, free_port: Callable[[], int]) -> El
     elif args.rdzv_endpoint:
         host, sep, port = args.rdzv_endpoint.rpartition(':')
         if not sep or ']' in port:  # no port given (an IPv6 address in brackets has colons of its own)
+            if args.rdzv_backend == 'static':  # torch's static handler needs one; c10d's defaults to 29400
+                raise UsageError(f'--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT')
             host, port = args.rdzv_endpoint, '29400'
     elif args.rdzv_backend == 'static':
         host, port = args.master_addr, str(args.master_port if args.master_port is not None else 29500)
@@ -383,12 +410,13 @@ def elastic_config(args: argparse.Namespace, free_port: Callable[[], int]) -> El
         if high > 1:
             raise UsageError('the rendezvous port 0 only works for one node: give the other nodes a port to reach')
         port = str(free_port())
-    # torch's c10d handler ignores keys it does not know (`timeout` is etcd's): so does this; a
-    # value in quotes, as some scripts pass it, is taken without them
+    # `timeout` (etcd's key, common in scripts) is dropped, as torch's c10d handler ignores it; the
+    # other keys are checked as c10d reads them; a value in quotes, as some scripts pass it, is
+    # taken without them
     text = (args.rdzv_conf or '').strip().strip('\'"')
     known = ','.join(kv for kv in text.split(',') if kv.split('=', 1)[0].strip() not in ('timeout', ''))
     conf = {'join_timeout': '600', 'read_timeout': '60'}  # torch's c10d defaults
-    conf.update(parse_rdzv_conf(known))
+    conf.update(parse_rdzv_conf(known, '--rdzv-conf'))
     run_id = torch_run_id(args.rdzv_id, standalone=args.standalone, rdzv_backend=args.rdzv_backend,
                           rdzv_endpoint=args.rdzv_endpoint, master_port=args.master_port, one_node=high == 1)
     return ElasticConfig(run_id=run_id, endpoint=f'{host}:{port}', min_nodes=low, max_nodes=high,
@@ -402,7 +430,7 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
     `plans` give the rest (argv with `--local-rank`, OMP_NUM_THREADS, ...); `streams` are the
     workers' --redirects and --tee (`std_streams`)."""
     from dslaunch import elastic
-    from dslaunch.launch_run import DEFAULT_PREFIX, parse_rank_selection
+    from dslaunch.launch_run import DEFAULT_PREFIX
 
     node = elastic.Node(
         argv=[p.argv for p in plans],
@@ -411,11 +439,11 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
         grace=grace,
         raw_output=args.raw_output,
         console_ranks=None,
-        console_local_ranks=parse_rank_selection(args.local_ranks_filter) if args.local_ranks_filter else None,
+        console_local_ranks=_local_ranks_filter(args),
         log_dir=args.log_dir,
         quiet=False,
         role=args.role,
-        prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX,
+        prefix=prefix_template(args, os.environ, tee_used=any(streams[1])) or DEFAULT_PREFIX,
         virtual_local_rank=args.virtual_local_rank,
         stop_signals=stop_signals_from(args.signals_to_handle),
         streams=streams,
@@ -441,7 +469,9 @@ def plans_for(args: argparse.Namespace, *, python: str, log_stamp: str, run_id: 
     for local in range(nproc):
         rank = args.node_rank * nproc + local
         argv: list[str] = [] if script_alone else [python, '-u'] + (['-m'] if args.module and not args.run_path else [])
-        argv.append(args.training_script)
+        # torch applies the macro to every argument of the interpreter, the script's name included;
+        # a program run as itself (--no-python) is left as it is
+        argv += [args.training_script] if script_alone else substitute_local_rank([args.training_script], local)
         if not args.use_env:
             argv.append(f'--local-rank={local}')
         argv += substitute_local_rank(args.training_script_args, local)
@@ -488,7 +518,7 @@ def _random_run_id() -> str:
 def main(argv: Sequence[str], prog: str | None = None) -> int:
     import shlex
 
-    from dslaunch.launch_run import DEFAULT_PREFIX, parse_rank_selection, run_plans
+    from dslaunch.launch_run import DEFAULT_PREFIX, run_plans
     from dslaunch.probes import SystemProbes
 
     args = build_parser(prog).parse_args(list(argv))
@@ -523,13 +553,15 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     plans = _worker_plans(args, run_id)
     redirects = std_streams(args.redirects, len(plans), '--redirects')
     tee = std_streams(args.tee, len(plans), '--tee')
+    local = _local_ranks_filter(args)
+    console = None if local is None else {p.rank for p in plans if p.local_rank in local}
     if args.dry_run:
         for p in plans:
             env = ' '.join(f'{k}={shlex.quote(v)}' for k, v in p.env_overrides.items())
             print(f'{env} {shlex.join(p.argv)}')
         return 0
     args.training_script_args = list(args.training_script_args)
-    _check_script(args)
+    _check_script(args, len(plans))
     if args.node_rank == 0 and args.master_addr in ('127.0.0.1', 'localhost') and \
             not probes.port_free(args.master_addr, args.master_port):
         raise UsageError(f'master port {args.master_port} is already in use on this host; '
@@ -548,16 +580,21 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
         error_files.keep = True
         print(f'dslaunch: worker logs (--redirects/--tee): {os.path.dirname(os.path.dirname(paths[plans[0].local_rank]))}'
               '/<local rank>/{stdout,stderr}.log', file=sys.stderr)
-    console = None
-    if args.local_ranks_filter:
-        local = parse_rank_selection(args.local_ranks_filter) or set()
-        console = {p.rank for p in plans if p.local_rank in local}
     try:
         return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
                          grace_period=grace, stop_signals=stops,
-                         prefix=prefix_template(args, os.environ) or DEFAULT_PREFIX)
+                         prefix=prefix_template(args, os.environ, tee_used=any(tee)) or DEFAULT_PREFIX)
     finally:
         error_files.finish()
+
+
+def _local_ranks_filter(args: argparse.Namespace) -> set[int] | None:
+    """--local-ranks-filter: the local ranks shown on the console (None: all)."""
+    from dslaunch.launch_run import parse_rank_selection
+
+    if not args.local_ranks_filter:
+        return None
+    return parse_rank_selection(args.local_ranks_filter, '--local-ranks-filter') or set()
 
 
 def _worker_plans(args: argparse.Namespace, run_id: str) -> list[RankPlan]:
@@ -567,11 +604,16 @@ def _worker_plans(args: argparse.Namespace, run_id: str) -> list[RankPlan]:
     return plans_for(args, python=python, log_stamp=time.strftime('%Y%m%d%H%M%S'), run_id=run_id)
 
 
-def _check_script(args: argparse.Namespace) -> None:
+def _check_script(args: argparse.Namespace, nproc: int) -> None:
+    """A missing script is one line (`launch_run.check_script`): each worker's, after the macro."""
     from dslaunch.launch_run import check_script
 
-    check_script(argparse.Namespace(no_python=args.no_python and not args.run_path, module=args.module,
-                                    training_script=args.training_script))
+    script_alone = args.no_python and not args.run_path
+    names = [args.training_script]
+    if not script_alone and '$' in args.training_script:
+        names = [substitute_local_rank(names, local)[0] for local in range(nproc)]
+    for name in dict.fromkeys(names):
+        check_script(argparse.Namespace(no_python=script_alone, module=args.module, training_script=name))
 
 
 def _elastic_main(args: argparse.Namespace) -> int:
@@ -585,13 +627,14 @@ def _elastic_main(args: argparse.Namespace) -> int:
     one = argparse.Namespace(**{**vars(args), 'nnodes': '1', 'node_rank': 0, 'master_port': 0})
     plans = _worker_plans(one, cfg.run_id)
     streams = std_streams(args.redirects, len(plans), '--redirects'), std_streams(args.tee, len(plans), '--tee')
+    _local_ranks_filter(args)  # a bad value is one line, --dry_run too
     if args.dry_run:
         print(f"# elastic: rendezvous '{cfg.run_id}' at {cfg.endpoint}, {cfg.min_nodes} to {cfg.max_nodes} nodes, "
               f'{cfg.max_restarts} restart(s); RANK, WORLD_SIZE, MASTER_ADDR/PORT, ... come from each round')
         for p in plans:
             print(shlex.join(p.argv))
         return 0
-    _check_script(args)
+    _check_script(args, len(plans))
     if args.log_dir:
         from dslaunch.launch import ensure_rank_log_dir
 

@@ -35,6 +35,16 @@ def test_a_valued_option_before_the_torch_option_still_selects_the_torch_cli(tmp
     assert [r['env']['LOCAL_WORLD_SIZE'] for r in _ranks(tmp_path, 2)] == ['2', '2']
 
 
+def test_an_abbreviated_torch_option_selects_the_torch_cli(tmp_path: Path) -> None:
+    """`--nproc-per 2`, as torch's argparse takes it; a start that a DeepSpeed option shares
+    (`--n`, `--no_py`) keeps DeepSpeed's meaning."""
+    proc = dslaunch('--nproc-per', '2', '--stand', DUMP, env={'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert [r['env']['LOCAL_WORLD_SIZE'] for r in _ranks(tmp_path, 2)] == ['2', '2']
+    assert not torch_launch.wants_torch_cli(['--n', '2', 'train.py'])
+    assert not torch_launch.wants_torch_cli(['--no_py', 'train.py'])
+
+
 def test_options_after_the_script_never_select_the_torch_cli() -> None:
     assert not torch_launch.wants_torch_cli(['--master_port', '1234', 'train.py', '--nproc_per_node', '2'])
     assert not torch_launch.wants_torch_cli(['--num_gpus', '2', '--nproc_per_node', '2', 'train.py'])

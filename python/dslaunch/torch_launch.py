@@ -83,7 +83,17 @@ def wants_torch_cli(argv: Sequence[str]) -> bool:
     before_script = _options_before_script(argv)  # everything after the script belongs to the user
     if any(a in DEEPSPEED_ONLY_OPTIONS for a in before_script):
         return False
-    return any(a in TORCH_ONLY_OPTIONS for a in before_script)
+    return any(a in TORCH_ONLY_OPTIONS or _torch_abbreviation(a) for a in before_script)
+
+
+def _torch_abbreviation(name: str) -> bool:
+    """`--nproc-per`: the start of torch-only options and of none of the runner's, which DeepSpeed
+    refuses and torch's argparse takes (`python -m torch.distributed.launch --nproc-per 2 ...`)."""
+    if not name.startswith('--') or len(name) < 3 or not any(o.startswith(name) for o in TORCH_ONLY_OPTIONS):
+        return False
+    from dslaunch import runner  # only for such a word: the runner's parser is not on the usual start path
+
+    return not any(o.startswith(name) for o in runner.build_parser()._option_string_actions)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -216,6 +216,32 @@ def test_custom_prefix_template(tmp_path: Path) -> None:
     assert sorted(out[0].splitlines()) == [b'<0|node0> hi', b'<1|node1> hi']
 
 
+def test_console_copies_get_the_prefixed_lines_holding_a_needle(tmp_path: Path) -> None:
+    """torchrun's --duplicate-*-filters: each shown, prefixed line of the stream that holds one of
+    the needles goes to the copy too, as the rank wrote it (collapsing on); bare streams, ranks off
+    the console and the other lines are not copied; an empty needle takes every line."""
+    write = '/bin/sh', '-c', 'echo loss=1; echo step; echo loss=2 >&2; printf "loss-no-newline"'
+    ranks = [
+        _core.RankSpec(write),
+        _core.RankSpec(write, bare='stdout'),
+        _core.RankSpec(write, console=False),
+    ]
+    copies = {'stdout': (tmp_path / 'out.log', ['loss', 'nothing']), 'stderr': (str(tmp_path / 'err.log'), [''])}
+    with console('file', tmp_path, 'out') as (out_fd, out), console('file', tmp_path, 'err') as (err_fd, err):
+        report = _core.Supervisor(ranks, stdout_fd=out_fd, stderr_fd=err_fd, collapse='on',
+                                  collapse_window=5, console_copies=copies).run()
+    assert report.returncode == 0
+    assert sorted((tmp_path / 'out.log').read_bytes().splitlines(keepends=True)) == [
+        b'[0]: loss-no-newline\n', b'[0]: loss=1\n']
+    assert sorted((tmp_path / 'err.log').read_bytes().splitlines(keepends=True)) == [b'[0]: loss=2\n', b'[1]: loss=2\n']
+    assert b'[0-1]: loss=2' in err[0]  # the console collapsed what the copy keeps per rank
+    assert b'loss=1\n' in out[0].splitlines(keepends=True)  # rank 1's bare line: shown, not copied
+    with pytest.raises(ValueError, match='console_copies keys'):
+        _core.Supervisor(ranks, console_copies={'both': (tmp_path / 'x', ['a'])})
+    with pytest.raises(OSError):  # a copy that cannot be made fails the start, before any rank runs
+        _core.Supervisor(ranks, console_copies={'stdout': (tmp_path / 'no' / 'x', ['a'])}).start()
+
+
 def test_console_ranks_shows_only_those_but_logs_all(tmp_path: Path) -> None:
     ranks = [
         _core.RankSpec(['/bin/sh', '-c', f'echo out {r}; echo err {r} >&2'], log_file=tmp_path / f'{r}.log')

@@ -142,10 +142,9 @@ def _dslaunch_actions() -> dict[str, argparse.Action]:
     return {a.dest: a for a in torch_launch.build_parser()._actions}
 
 
-#: torchrun options this front end refuses, documented: "`--duplicate-stdout-filters`,
-#: `--duplicate-stderr-filters`, `--logs-specs`, `--numa-binding` | supported | this front end's
-#: argparse error (exit 2)".
-DOCUMENTED_REFUSED = frozenset({'duplicate_stdout_filters', 'duplicate_stderr_filters', 'logs_specs', 'numa_binding'})
+#: torchrun options this front end refuses, documented: "`--logs-specs`, `--numa-binding` |
+#: supported | this front end's argparse error (exit 2)".
+DOCUMENTED_REFUSED = frozenset({'logs_specs', 'numa_binding'})
 
 
 def shared_dests() -> list[str]:
@@ -711,6 +710,7 @@ def option_lines(draw: st.DrawFn) -> tuple[list[str], dict[str, str]]:
             ),
             '--signals-to-handle': draw(st.sampled_from([None, 'SIGTERM,SIGUSR1', 'SIGUSR2'])),
             '--shutdown-timeout': draw(st.sampled_from([None, 0, 5])),
+            '--duplicate-stdout-filters': draw(st.sampled_from([None, 'loss', 'a,,b,c', '', ','])),
             '--local-addr': draw(st.sampled_from([None, '10.0.0.1'])),
             '--virtual-local-rank': draw(st.booleans()),
             '--log-dir': draw(st.sampled_from([None, os.devnull])),  # a directory torch would make: none
@@ -760,6 +760,7 @@ def test_role_streams_console_signals_and_shutdown_as_torch_derives_them(case: t
     config, args, plans, environ = theirs['config'], ours['args'], ours['plans'], ours['environ']
     nproc = config.nproc_per_node
     assert args.role == config.role
+    assert args.duplicate_stdout_filters == config.duplicate_stdout_filters
     assert args.signals_to_handle == config.signals_to_handle
     assert torch_launch.grace_of(args, environ) == config.shutdown_timeout
     assert (ours['cfg'].local_addr if ours['cfg'] else args.local_addr) == config.local_addr

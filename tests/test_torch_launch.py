@@ -64,7 +64,7 @@ def test_every_torchrun_option_with_its_value_selects_the_torch_cli(tmp_path: Pa
     assert {e['ROLE_NAME'] for e in envs} == {'trainer' if head[0] == '--role' else 'default'}
 
 
-@pytest.mark.parametrize('head', [['--duplicate-stdout-filters', 'loss'], ['--numa-binding', 'node']])
+@pytest.mark.parametrize('head', [['--logs-specs', 'mine'], ['--numa-binding', 'node']])
 def test_torchrun_options_not_supported_are_the_torch_front_ends_usage_error(head: list[str]) -> None:
     proc = dslaunch(*head, '--nproc-per-node', '2', 'train.py')
     assert proc.returncode == 2
@@ -390,6 +390,39 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
         got[module] = (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
     assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
     assert got['dslaunch.torch_launch'][2], 'some stream was logged'
+
+
+FILTERED = ('import os, sys\nr = os.environ["LOCAL_RANK"]\nprint("loss=1", r, flush=True)\nprint("acc,x", r, flush=True)\n'
+            'print("step", r, flush=True)\nprint("loss err", r, file=sys.stderr, flush=True)\n')
+
+
+@pytest.mark.parametrize('flags, elastic', [
+    (['--tee', '3'], False), (['--tee', '0:1'], False), ([], False), (['--tee', '3', '--local-ranks-filter', '1'], False),
+    (['--tee', '3'], True),
+])
+def test_duplicate_filters_copy_tee_d_lines_as_torchrun(tmp_path: Path, flags: list[str], elastic: bool) -> None:
+    """--duplicate-stdout-filters/--duplicate-stderr-filters (`,,` a comma): the same
+    `attempt_0/filtered_{stdout,stderr}.log` files with the same lines as torchrun's, for the tee'd
+    streams of the ranks on the console only, on the static and the elastic path."""
+    script = tmp_path / 'filtered.py'
+    script.write_text(FILTERED)
+    got = {}
+    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
+        log_dir = tmp_path / module
+        use_env = ['--use-env'] if module.startswith('dslaunch') else []
+        meet = ['--nnodes', '1:1', '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{free_port()}',
+                *ELASTIC_QUICK] if elastic else []
+        proc = torch_module(*use_env, *meet, '--nproc-per-node', '2', '--log-dir', str(log_dir), *flags,
+                            '--duplicate-stdout-filters', 'loss,c,,x', '--duplicate_stderr_filters', 'err',
+                            str(script), module=module)
+        assert proc.returncode == 0, proc.stderr
+        got[module] = {str(p.relative_to(log_dir)).split('/', 1)[1]: sorted(p.read_text().splitlines())
+                       for p in log_dir.rglob('filtered_*.log')}
+    assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
+    assert set(got['dslaunch.torch_launch']) == {'attempt_0/filtered_stdout.log', 'attempt_0/filtered_stderr.log'}
+    if flags == ['--tee', '3']:
+        assert got['dslaunch.torch_launch']['attempt_0/filtered_stdout.log'] == [
+            '[default0]:acc,x 0', '[default0]:loss=1 0', '[default1]:acc,x 1', '[default1]:loss=1 1']
 
 
 def test_braces_in_a_prefix_template_or_role_are_text_as_under_torchrun(tmp_path: Path) -> None:

@@ -177,6 +177,10 @@ class Supervisor:
         merge_stderr: Each rank's stderr goes into its stdout pipe: one stream, in the order the
             rank wrote to either (so its log file keeps that order, as DeepSpeed's per-rank
             logs); on the console it is stdout, and `stderr_tail` keeps that stream's last lines.
+        console_copies: `{'stdout': (path, needles), 'stderr': ...}`: that file (created at
+            `start()`) also gets each prefixed console line of the stream that holds any of the
+            needles (an empty needle: every line), prefix included, as the rank wrote it (before
+            collapsing); bare lines are not copied (torchrun's `--duplicate-stdout-filters`).
 
     Durations (`grace_period`, timeouts) may be `inf`: anything beyond 2**32 s means never.
     A job is over only when every line its ranks wrote has reached the console: if nobody reads
@@ -210,6 +214,7 @@ class Supervisor:
         status_line: bool = False,
         keep_last_line: bool = False,
         merge_stderr: bool = False,
+        console_copies: Mapping[Literal['stdout', 'stderr'], tuple[str | os.PathLike[str], Sequence[str]]] | None = None,
     ) -> Supervisor: ...
     def start(self) -> None:
         """Starts every rank; raises OSError if one cannot start, after killing those started."""

@@ -325,6 +325,8 @@ class Node:
     stop_signals: tuple[int, ...] = STOP_SIGNALS  # torchrun's --signals-to-handle (signal_policy)
     # torchrun's --redirects and --tee, per local rank (torch_launch.std_streams); None: DeepSpeed's path
     streams: tuple[list[int], list[int]] | None = None
+    # torchrun's --duplicate-stdout-filters and --duplicate-stderr-filters (torch_launch.console_copies)
+    duplicate_filters: tuple[list[str], list[str]] = ([], [])
 
     def streams_logged(self) -> bool:
         """Whether --redirects/--tee send some worker's stream to its own `stdout.log`/`stderr.log`
@@ -459,6 +461,7 @@ class _SupervisedAgentMixin:
             status_line=node.status_line != 'off',
             keep_last_line=node.hang_timeout > 0,
             merge_stderr=merged,
+            console_copies=self._console_copies(restart_count),  # type: ignore[arg-type]  # the core's keys
         )
         if node.hang_timeout > 0:
             from dslaunch.hang import HangWatch
@@ -478,6 +481,16 @@ class _SupervisedAgentMixin:
             self.critical = False
         self.raise_pending()  # a stop signal that came while the ranks were starting
         return {w.local_rank: pid for w, pid in zip(worker_group.workers, sup.pids)}
+
+    def _console_copies(self, restart: int) -> dict[str, tuple[str, list[str]]] | None:
+        """torchrun's --duplicate-*-filters for this restart's attempt directory (None: not given)."""
+        node = self.node
+        if node.streams is None or node.error_files is None or not any(node.duplicate_filters):
+            return None
+        from dslaunch.torch_launch import console_copies
+
+        attempt_dir = os.path.join(node.error_files.run_dir, f'attempt_{restart}')
+        return console_copies(node.duplicate_filters, node.streams[1], attempt_dir)
 
     def _rank_spec(self, worker: Any, env: dict[str, str], stamp: str) -> Any:
         from dslaunch import _core
@@ -675,7 +688,7 @@ def run_node(cfg: ElasticConfig, node: Node, args: argparse.Namespace, report_to
     from dslaunch.launch_run import PidFile
 
     node.error_files = ErrorFiles(node.log_dir, cfg.run_id)
-    if node.streams_logged():
+    if node.streams_logged() or any(node.duplicate_filters):
         node.error_files.keep = True
         print(f'dslaunch: worker logs (--redirects/--tee): {node.error_files.run_dir}/attempt_<restart>/<local rank>/'
               '{stdout,stderr}.log', file=sys.stderr)

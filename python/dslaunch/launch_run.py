@@ -153,6 +153,7 @@ def run_plans(
     quiet: bool = False,
     prefix: str = DEFAULT_PREFIX,
     stop_signals: Sequence[int] | None = None,
+    console_copies: Mapping[str, tuple[str, Sequence[str]]] | None = None,
 ) -> int:
     """Starts the planned ranks, waits for them, prints the report; returns the job's status
     (`command_exit.job_status`: -N when signal N stopped it).
@@ -162,6 +163,7 @@ def run_plans(
     `status_line` ('auto') keeps a live status line below the output on a terminal. The job id is
     printed once at start (unless `quiet`), for `dslaunch stacks <job id>`. `stop_signals` (default
     `signal_policy.STOP_SIGNALS`): the signals that end the job, passed on to the ranks first.
+    `console_copies`: the core's (torchrun's --duplicate-*-filters).
 
     Under a multi-node runner (`DSLAUNCH_REPORT_TO` and `DSLAUNCH_JOB_TOKEN` in `environ`), the
     first failure is reported to the runner the moment it happens, and a stop from the runner
@@ -206,6 +208,7 @@ def run_plans(
         keep_last_line=hang_timeout > 0,
         stop_signals=None if stop_signals is None else list(stop_signals),
         forward_signals=_forwarded_with(stop_signals),
+        console_copies=console_copies,  # type: ignore[arg-type]  # keys as the core takes them
     )
     watch = None
     if hang_timeout > 0:

@@ -138,6 +138,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument('--log-line-prefix-template', '--log_line_prefix_template', dest='log_line_prefix_template',
                    default='', help='console prefix with ${rank}, ${local_rank}, ${role_name}, ${hostname} '
                    '(default: $TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE; with --tee [${role_name}${local_rank}]:)')
+    for stream in ('stdout', 'stderr'):
+        p.add_argument(f'--duplicate-{stream}-filters', f'--duplicate_{stream}_filters', type=filter_list, default=[],
+                       dest=f'duplicate_{stream}_filters',
+                       help=f"also write the tee'd {stream} lines that hold any of these comma-separated texts (,, for "
+                            f'a comma) to <log dir>/<run id>_*/attempt_<restart>/filtered_{stream}.log')
     p.add_argument('--shutdown-timeout', '--shutdown_timeout', dest='shutdown_timeout', type=int, default=None,
                    help='seconds between SIGTERM and SIGKILL when workers are stopped (default: '
                         '$TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30); the same as --grace_period')
@@ -347,6 +352,26 @@ def stream_plans(plans: Sequence[RankPlan], redirects: list[int], tee: list[int]
     return True
 
 
+def filter_list(value: str) -> list[str]:
+    """torchrun's --duplicate-*-filters value: texts separated by commas, `,,` for a comma in one
+    (`''` is one empty text, which every line holds)."""
+    return [part.replace('\0', ',') for part in value.replace(',,', '\0').split(',')]
+
+
+def console_copies(filters: tuple[list[str], list[str]], tee: list[int],
+                   attempt_dir: str) -> dict[str, tuple[str, list[str]]]:
+    """--duplicate-stdout-filters/--duplicate-stderr-filters (`filters`) as the core's
+    `console_copies`: the file `<attempt dir>/filtered_<stream>.log`, made whenever filters are
+    given, gets the lines of the tee'd streams shown on the console that hold one of them (as
+    torch: none without --tee)."""
+    copies = {}
+    for (stream, bit), wanted in zip((('stdout', 1), ('stderr', 2)), filters):
+        if wanted:
+            tee_d = any(t & bit for t in tee)
+            copies[stream] = (os.path.join(attempt_dir, f'filtered_{stream}.log'), wanted if tee_d else [])
+    return copies
+
+
 def substitute_local_rank(words: Sequence[str], local_rank: int) -> list[str]:
     """torchrun's macro: `${local_rank}` (or `$local_rank`) in the script's arguments becomes the
     worker's local rank, and `$$` a `$`, as in torch; any other `$` text is left alone."""
@@ -457,6 +482,7 @@ def run_elastic(args: argparse.Namespace, plans: Sequence[RankPlan], cfg: Elasti
         virtual_local_rank=args.virtual_local_rank,
         stop_signals=stop_signals_from(args.signals_to_handle),
         streams=streams,
+        duplicate_filters=(args.duplicate_stdout_filters, args.duplicate_stderr_filters),
     )
     host = cfg.endpoint.rpartition(':')[0]
     return elastic.run_node(cfg, node, argparse.Namespace(log_level='info', node_rank=None, master_addr=host))
@@ -586,13 +612,19 @@ def main(argv: Sequence[str], prog: str | None = None) -> int:
     paths = error_files.attempt(0, (p.local_rank for p in plans))
     for p in plans:
         p.env_overrides['TORCHELASTIC_ERROR_FILE'] = paths[p.local_rank]
+    attempt_dir = os.path.dirname(os.path.dirname(paths[plans[0].local_rank]))
+    copies = console_copies((args.duplicate_stdout_filters, args.duplicate_stderr_filters), tee, attempt_dir)
     if stream_plans(plans, redirects, tee, paths):
         error_files.keep = True
-        print(f'dslaunch: worker logs (--redirects/--tee): {os.path.dirname(os.path.dirname(paths[plans[0].local_rank]))}'
-              '/<local rank>/{stdout,stderr}.log', file=sys.stderr)
+        print(f'dslaunch: worker logs (--redirects/--tee): {attempt_dir}/<local rank>/{{stdout,stderr}}.log',
+              file=sys.stderr)
+    if copies:
+        error_files.keep = True
+        print(f'dslaunch: filtered lines (--duplicate-*-filters): {attempt_dir}/filtered_{{stdout,stderr}}.log',
+              file=sys.stderr)
     try:
         return run_plans(plans, os.environ, raw_output=args.raw_output, console_ranks=console,
-                         grace_period=grace, stop_signals=stops,
+                         grace_period=grace, stop_signals=stops, console_copies=copies,
                          prefix=prefix_template(args, os.environ, tee_used=any(tee)) or DEFAULT_PREFIX)
     finally:
         error_files.finish()

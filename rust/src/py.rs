@@ -1,6 +1,7 @@
 //! The Python classes of `dslaunch._core`: owned data is extracted first, then the GIL is
 //! released around anything that blocks (spawning, waiting).
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::error::{CoreError, SupervisorError};
-use crate::supervisor::{CollapseMode, Command, Config, JobState, RankConfig, RankInfo, Supervisor};
+use crate::supervisor::{CollapseMode, Command, Config, ConsoleCopy, JobState, RankConfig, RankInfo, Supervisor};
 use crate::{reap, signals, tree};
 
 fn unix_time(t: SystemTime) -> f64 {
@@ -429,6 +430,25 @@ fn is_main_thread(py: Python<'_>) -> PyResult<bool> {
     }
 }
 
+/// `console_copies={'stdout': (path, needles), 'stderr': ...}` as `Config::console_copies`.
+fn console_copies_of(given: Option<HashMap<String, (PathBuf, Vec<String>)>>) -> PyResult<[Option<ConsoleCopy>; 2]> {
+    let mut copies = [None, None];
+    for (stream, (path, needles)) in given.unwrap_or_default() {
+        let which = match stream.as_str() {
+            "stdout" => 0,
+            "stderr" => 1,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "console_copies keys are 'stdout' and 'stderr', not {other:?}"
+                )))
+            }
+        };
+        let needles = needles.into_iter().map(String::into_bytes).collect();
+        copies[which] = Some(ConsoleCopy { path, needles });
+    }
+    Ok(copies)
+}
+
 #[pymethods]
 impl PySupervisor {
     #[new]
@@ -436,7 +456,7 @@ impl PySupervisor {
         ranks, *, env=None, prefix=Some("[{tag}]: ".to_owned()), console_ranks=None, grace_period=30.0,
         forward_signals=None, stop_signals=None, fail_fast=true, stderr_tail=20, orphan_guard=true, kill_leftovers=true,
         run_id=None, max_line_bytes=65536, stdout_fd=1, stderr_fd=2, collapse="off", collapse_window=0.25,
-        status_line=false, keep_last_line=false, merge_stderr=false
+        status_line=false, keep_last_line=false, merge_stderr=false, console_copies=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -460,6 +480,7 @@ impl PySupervisor {
         status_line: bool,
         keep_last_line: bool,
         merge_stderr: bool,
+        console_copies: Option<HashMap<String, (PathBuf, Vec<String>)>>,
     ) -> PyResult<Self> {
         let collapse = match collapse {
             "off" => CollapseMode::Off,
@@ -557,6 +578,7 @@ impl PySupervisor {
             status_line,
             keep_last_line,
             merge_stderr,
+            console_copies: console_copies_of(console_copies)?,
         };
         let (wake_r, wake_w) =
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)

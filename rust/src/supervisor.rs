@@ -102,6 +102,17 @@ pub struct Config {
     /// Each rank's stderr goes into its stdout pipe: one stream in write order (see
     /// `SpawnRequest::merge_stderr`), shown on our stdout, its tail kept for the report.
     pub merge_stderr: bool,
+    /// Per console stream (`[stdout, stderr]`): a file that also gets the prefixed lines holding
+    /// any of some needles (torchrun's `--duplicate-stdout-filters`).
+    pub console_copies: [Option<ConsoleCopy>; 2],
+}
+
+/// A file that gets a copy of each prefixed console line of one stream that holds any of
+/// `needles` (an empty needle: every line), prefix included. Bare lines are not copied.
+#[derive(Debug, Clone)]
+pub struct ConsoleCopy {
+    pub path: PathBuf,
+    pub needles: Vec<Vec<u8>>,
 }
 
 /// Which console streams collapse identical lines of several ranks (see `logmux::Collapser`).
@@ -138,6 +149,7 @@ impl Default for Config {
             status_line: false,
             keep_last_line: false,
             merge_stderr: false,
+            console_copies: [None, None],
         }
     }
 }
@@ -303,6 +315,9 @@ impl Supervisor {
         for r in &cfg.ranks {
             logs.push(RankLogs::open(r)?);
         }
+        let copies = cfg.console_copies.clone().map(|c| c.map(CopyFile::open).transpose());
+        let [out_copy, err_copy] = copies;
+        let copies = [out_copy?, err_copy?];
         let marker = format!("{RUN_ID_VAR}={}", cfg.run_id);
         let guard = if cfg.orphan_guard {
             Some(Watchdog::start(&marker)?)
@@ -406,8 +421,7 @@ impl Supervisor {
             spawned,
             ranks,
             logs,
-            out,
-            err,
+            (out, err, copies),
             guard,
         )?;
         let thread = std::thread::Builder::new()
@@ -596,6 +610,45 @@ struct Stream {
     is_stderr: bool,
 }
 
+/// An open `ConsoleCopy`. Written a line at a time, unbuffered: the lines are few, and each is
+/// whole in the file whenever it is read (as torch's line-buffered copy).
+struct CopyFile {
+    file: Option<File>,
+    needles: Vec<memchr::memmem::Finder<'static>>,
+}
+
+impl CopyFile {
+    fn open(c: ConsoleCopy) -> Result<CopyFile, CoreError> {
+        let file = File::create(&c.path).map_err(|source| CoreError::LogFile { source, path: c.path })?;
+        let needles = c
+            .needles
+            .iter()
+            .map(|n| memchr::memmem::Finder::new(n).into_owned())
+            .collect();
+        Ok(CopyFile {
+            file: Some(file),
+            needles,
+        })
+    }
+
+    /// Copies `prefix` + `seg` when `seg` holds a needle; a write error ends the copy.
+    fn offer(&mut self, prefix: &[u8], seg: &[u8], ending: Ending) {
+        let Some(f) = self.file.as_mut() else { return };
+        if !self.needles.iter().any(|n| n.find(seg).is_some()) {
+            return;
+        }
+        let mut line = Vec::with_capacity(prefix.len() + seg.len() + 1);
+        line.extend_from_slice(prefix);
+        line.extend_from_slice(seg);
+        if ending == Ending::Cut {
+            line.push(b'\n');
+        }
+        if f.write_all(&line).is_err() {
+            self.file = None;
+        }
+    }
+}
+
 /// A rank's log files, by stream: both entries are the same file (two descriptors of one open
 /// file, one offset) for `RankConfig::log_file`, separate files for the per-stream ones.
 struct RankLogs([Option<File>; 2]);
@@ -712,8 +765,7 @@ impl Loop {
         spawned: Vec<spawn::Spawned>,
         infos: Vec<RankInfo>,
         logs: Vec<RankLogs>,
-        out: Sink,
-        err: Sink,
+        (out, err, copies): (Sink, Sink, [Option<CopyFile>; 2]),
         guard: Option<Watchdog>,
     ) -> io::Result<Loop> {
         let n = spawned.len();
@@ -767,7 +819,7 @@ impl Loop {
             is_ready: vec![false; 2 * n],
             streams,
             ready: VecDeque::new(),
-            console: Console::new(cfg, out, err),
+            console: Console::new(cfg, out, err, copies),
             keep_last_line: cfg.keep_last_line,
             merged: cfg.merge_stderr,
             out_watched: false,
@@ -1700,10 +1752,12 @@ struct Console {
     tag_nums: Option<Vec<u64>>,
     scratch_nums: Vec<u64>,
     scratch_prefix: Vec<u8>,
+    /// `Config::console_copies`, opened.
+    copies: [Option<CopyFile>; 2],
 }
 
 impl Console {
-    fn new(cfg: &Config, out: Sink, err: Sink) -> Console {
+    fn new(cfg: &Config, out: Sink, err: Sink, copies: [Option<CopyFile>; 2]) -> Console {
         let prefixes = cfg
             .ranks
             .iter()
@@ -1752,12 +1806,16 @@ impl Console {
             tag_nums: cfg.ranks.iter().map(|r| r.tag.parse::<u64>().ok()).collect(),
             scratch_nums: Vec::new(),
             scratch_prefix: Vec::new(),
+            copies,
         }
     }
 
     /// One segment of rank `rank`: held by the collapser, or written behind the rank's prefix.
     fn line(&mut self, rank: usize, stderr: bool, seg: &[u8], ending: Ending, now: Instant) {
         let prefix = &self.prefixes[rank][usize::from(stderr)];
+        if let (Some(copy), false) = (&mut self.copies[usize::from(stderr)], prefix.is_empty()) {
+            copy.offer(prefix, seg, ending); // as the rank wrote it, before any collapsing
+        }
         if let Some(c) = self.collapser.as_mut() {
             let on = if stderr { self.collapse_err } else { self.collapse_out };
             // a bare stream has no prefix to name a rank range with

@@ -341,13 +341,13 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         return elastic.run(args, env)
     world_info = launch.load_world_info(args)
     plans = launch.rank_plans(world_info, args.node_rank, args, env, python=sys.executable)
+    log_dir = getattr(args, 'enable_each_rank_log', 'None')
+    if log_dir != 'None':
+        launch.ensure_rank_log_dir(log_dir)  # made (or refused) on a node with zero slots too, as DeepSpeed
     if not plans:
         return 0  # a node with zero slots runs nothing, as in DeepSpeed
     check_script(args)
     check_bind_core_list(args)
-    log_dir = getattr(args, 'enable_each_rank_log', 'None')
-    if log_dir != 'None':
-        launch.ensure_rank_log_dir(log_dir)
     return run_plans(
         plans,
         env,

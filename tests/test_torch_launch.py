@@ -376,9 +376,19 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
     others bare) and which `stdout.log`/`stderr.log` files are written, compared with torch's own
     torchrun on the same command line; also on torchrun's elastic path (`--nnodes 1:1 --rdzv-backend
     c10d`, as torchtitan's multi-node line with `--tee 3`)."""
-    script = tmp_path / 'both.py'
-    script.write_text(BOTH_STREAMS)
-    got = {}
+    got = {module: (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
+           for module, (proc, log_dir) in _under_both(tmp_path, BOTH_STREAMS, flags, elastic).items()}
+    assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
+    assert got['dslaunch.torch_launch'][2], 'some stream was logged'
+
+
+def _under_both(tmp_path: Path, script_text: str, flags: list[str],
+                elastic: bool) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
+    """The script run by torchrun and by dslaunch's front end with `flags`, two workers and a log
+    dir each (on the elastic path: `--nnodes 1:1` with a c10d rendezvous): module -> (run, log dir)."""
+    script = tmp_path / 'worker.py'
+    script.write_text(script_text)
+    runs = {}
     for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
         log_dir = tmp_path / module
         use_env = ['--use-env'] if module.startswith('dslaunch') else []
@@ -387,9 +397,8 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
         proc = torch_module(*use_env, *meet, '--nproc-per-node', '2', '--log-dir', str(log_dir), *flags, str(script),
                             module=module)
         assert proc.returncode == 0, proc.stderr
-        got[module] = (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
-    assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
-    assert got['dslaunch.torch_launch'][2], 'some stream was logged'
+        runs[module] = proc, log_dir
+    return runs
 
 
 FILTERED = ('import os, sys\nr = os.environ["LOCAL_RANK"]\nprint("loss=1", r, flush=True)\nprint("acc,x", r, flush=True)\n'
@@ -404,20 +413,10 @@ def test_duplicate_filters_copy_tee_d_lines_as_torchrun(tmp_path: Path, flags: l
     """--duplicate-stdout-filters/--duplicate-stderr-filters (`,,` a comma): the same
     `attempt_0/filtered_{stdout,stderr}.log` files with the same lines as torchrun's, for the tee'd
     streams of the ranks on the console only, on the static and the elastic path."""
-    script = tmp_path / 'filtered.py'
-    script.write_text(FILTERED)
-    got = {}
-    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
-        log_dir = tmp_path / module
-        use_env = ['--use-env'] if module.startswith('dslaunch') else []
-        meet = ['--nnodes', '1:1', '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{free_port()}',
-                *ELASTIC_QUICK] if elastic else []
-        proc = torch_module(*use_env, *meet, '--nproc-per-node', '2', '--log-dir', str(log_dir), *flags,
-                            '--duplicate-stdout-filters', 'loss,c,,x', '--duplicate_stderr_filters', 'err',
-                            str(script), module=module)
-        assert proc.returncode == 0, proc.stderr
-        got[module] = {str(p.relative_to(log_dir)).split('/', 1)[1]: sorted(p.read_text().splitlines())
-                       for p in log_dir.rglob('filtered_*.log')}
+    filters = ['--duplicate-stdout-filters', 'loss,c,,x', '--duplicate_stderr_filters', 'err']
+    got = {module: {str(p.relative_to(log_dir)).split('/', 1)[1]: sorted(p.read_text().splitlines())
+                    for p in log_dir.rglob('filtered_*.log')}
+           for module, (_, log_dir) in _under_both(tmp_path, FILTERED, [*flags, *filters], elastic).items()}
     assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
     assert set(got['dslaunch.torch_launch']) == {'attempt_0/filtered_stdout.log', 'attempt_0/filtered_stderr.log'}
     if flags == ['--tee', '3']:

@@ -533,6 +533,8 @@ def backend_runner_command(p: Plan) -> tuple[list[str], Any]:
     # Multi-node worlds come from a hostfile, so their slots are ints (UUIDs only occur locally).
     try:
         cmd = list(runner.get_cmd(p.env, cast('dict[str, list[int]]', p.active)))
+    except DslaunchError:
+        raise  # already one line of its own kind (a UsageError is a ValueError too)
     except ValueError as e:  # e.g. PDSH: an exported name the remote shell cannot `export` ('PYTHON-FOO')
         raise DslaunchError(str(e)) from None
     return cmd, runner

@@ -140,7 +140,12 @@ class MultiNodeRunner:
 
     @classmethod
     def validate_active_resources(cls, active: ActiveResources) -> None:
-        """Reject a filtered world this backend cannot start. Callable on the class, as DeepSpeed's runner does."""
+        """Reject a filtered world this backend cannot start. Callable on the class, as DeepSpeed's runner does.
+
+        An engine places k ranks on a host as local ranks 0..k-1, which pick devices 0..k-1: it
+        cannot run a world of other device ids (`CUDA_VISIBLE_DEVICES=1,3`, `--include h:1,3`).
+        """
+        cls.require_leading_slots(active)
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
         raise NotImplementedError

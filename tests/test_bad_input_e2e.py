@@ -4,6 +4,7 @@ no traceback, no hang, nothing started (the conftest fails a test that leaves a 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -65,6 +66,18 @@ def test_per_node_launcher_bad_input_is_one_line(tmp_path: Path, args: list[str]
     assert proc.returncode != 0
     assert needle in one_error_line(proc)
     assert not list(tmp_path.glob('rank*.json'))
+
+
+@pytest.mark.skipif(not shutil.which('mpirun.mpich'), reason='MPICH (the Debian package mpich): make system-deps')
+def test_mpi_engines_refuse_device_ids_they_cannot_place(tmp_path: Path) -> None:
+    """`CUDA_VISIBLE_DEVICES=1,3` with an MPI engine: its ranks would run on devices 0 and 1, so it is
+    refused, as Open MPI and Slurm refuse it (DeepSpeed: 'does not support worker include/exclusion')."""
+    proc = dslaunch('--launcher', 'mpich', '--force_multi', DUMP, env={'CUDA_VISIBLE_DEVICES': '1,3',
+                                                                      'DUMP_DIR': str(tmp_path)})
+    assert proc.returncode == 1
+    assert one_error_line(proc) == ('dslaunch: error: mpich backend cannot select specific device ids, got [1, 3] on '
+                                    'localhost. Filter whole hosts, or keep the first N slots on every host.')
+    assert not list(tmp_path.iterdir())
 
 
 def test_report_json_through_a_symlink_writes_the_target(tmp_path: Path) -> None:

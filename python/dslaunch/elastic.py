@@ -688,10 +688,14 @@ def run_node(cfg: ElasticConfig, node: Node, args: argparse.Namespace, report_to
     from dslaunch.launch_run import PidFile
 
     node.error_files = ErrorFiles(node.log_dir, cfg.run_id)
-    if node.streams_logged() or any(node.duplicate_filters):
+    if node.streams_logged():
         node.error_files.keep = True
         print(f'dslaunch: worker logs (--redirects/--tee): {node.error_files.run_dir}/attempt_<restart>/<local rank>/'
               '{stdout,stderr}.log', file=sys.stderr)
+    if any(node.duplicate_filters):
+        node.error_files.keep = True
+        print(f'dslaunch: filtered lines (--duplicate-*-filters): {node.error_files.run_dir}/attempt_<restart>/'
+              'filtered_{stdout,stderr}.log', file=sys.stderr)
     try:
         with PidFile(getattr(args, 'save_pid', 0) or 0), _AgentEnvironment():
             return _run_agent(cfg, node, args, report_to, token)

@@ -315,8 +315,7 @@ impl Supervisor {
         for r in &cfg.ranks {
             logs.push(RankLogs::open(r)?);
         }
-        let copies = cfg.console_copies.clone().map(|c| c.map(CopyFile::open).transpose());
-        let [out_copy, err_copy] = copies;
+        let [out_copy, err_copy] = cfg.console_copies.clone().map(|c| c.map(CopyFile::open).transpose());
         let copies = [out_copy?, err_copy?];
         let marker = format!("{RUN_ID_VAR}={}", cfg.run_id);
         let guard = if cfg.orphan_guard {
@@ -421,7 +420,9 @@ impl Supervisor {
             spawned,
             ranks,
             logs,
-            (out, err, copies),
+            out,
+            err,
+            copies,
             guard,
         )?;
         let thread = std::thread::Builder::new()
@@ -765,7 +766,9 @@ impl Loop {
         spawned: Vec<spawn::Spawned>,
         infos: Vec<RankInfo>,
         logs: Vec<RankLogs>,
-        (out, err, copies): (Sink, Sink, [Option<CopyFile>; 2]),
+        out: Sink,
+        err: Sink,
+        copies: [Option<CopyFile>; 2],
         guard: Option<Watchdog>,
     ) -> io::Result<Loop> {
         let n = spawned.len();

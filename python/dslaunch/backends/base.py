@@ -140,12 +140,7 @@ class MultiNodeRunner:
 
     @classmethod
     def validate_active_resources(cls, active: ActiveResources) -> None:
-        """Reject a filtered world this backend cannot start. Callable on the class, as DeepSpeed's runner does.
-
-        An engine places k ranks on a host as local ranks 0..k-1, which pick devices 0..k-1: it
-        cannot run a world of other device ids (`CUDA_VISIBLE_DEVICES=1,3`, `--include h:1,3`).
-        """
-        cls.require_leading_slots(active)
+        """Reject a filtered world this backend cannot start. Callable on the class, as DeepSpeed's runner does."""
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
         raise NotImplementedError
@@ -208,7 +203,8 @@ class MultiNodeRunner:
 
     @classmethod
     def require_leading_slots(cls, active: ActiveResources) -> None:
-        """Every host must keep slots 0..k-1: an engine places k ranks per host, it cannot pick device ids."""
+        """Every host must keep slots 0..k-1: an engine places k ranks per host as local ranks 0..k-1,
+        which use devices 0..k-1; it cannot run a world of other device ids (`CUDA_VISIBLE_DEVICES=1,3`)."""
         for host, slots in active.items():
             if not isinstance(slots, int) and list(slots) != list(range(len(slots))):  # a count is slots 0..n-1
                 raise ResourceFilterError(

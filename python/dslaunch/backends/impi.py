@@ -67,6 +67,7 @@ class IMPIRunner(MultiNodeRunner):
         self.reject_unequal_pool('Intel MPI requires same number of devices per node')
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
+        self.require_leading_slots(active_resources)
         total, per_host = self.equal_slots(active_resources, 'Intel MPI requires same number of devices per node')
         if self.arg('bind_cores_to_rank') and self.arg('bind_core_list') is not None:
             # The list is the same on every node: refuse here (DeepSpeed's check and text), not once per rank.

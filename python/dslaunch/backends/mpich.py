@@ -47,6 +47,7 @@ class MPICHRunner(MultiNodeRunner):
         self.reject_unequal_pool('MPICH requires same number of devices per node')
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
+        self.require_leading_slots(active_resources)
         total, per_host = self.equal_slots(active_resources, 'MPICH requires same number of devices per node')
         cmd = [self.backend_binary(environment.get('PATH')), '-n', str(total), '-ppn', str(per_host)]
         cmd += self.launcher_args()

@@ -68,6 +68,7 @@ class MVAPICHRunner(MultiNodeRunner):
         self.reject_unequal_pool('mvapich requires same number of devices per node')
 
     def get_cmd(self, environment: MutableMapping[str, str], active_resources: ActiveResources) -> list[str]:
+        self.require_leading_slots(active_resources)
         total, per_host = self.equal_slots(active_resources, 'mvapich requires same number of devices per node')
         hostfile = self.write_temp_file('dslaunch_mvapich_hostfile_', ''.join(f'{h}\n' for h in active_resources))
         cmd = [

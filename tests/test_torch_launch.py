@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -376,20 +377,34 @@ def test_redirects_and_tee_as_torchrun_gives_them(tmp_path: Path, flags: list[st
     others bare) and which `stdout.log`/`stderr.log` files are written, compared with torch's own
     torchrun on the same command line; also on torchrun's elastic path (`--nnodes 1:1 --rdzv-backend
     c10d`, as torchtitan's multi-node line with `--tee 3`)."""
+    runs = _under_both(tmp_path, BOTH_STREAMS, flags, elastic)
+    if not _every_line_somewhere(*runs['torch.distributed.run']):
+        # The reference lost a worker's line (seen once, in a CI run under load: both workers' bare
+        # stderr lines missing from torchrun's console). Ask it again; dslaunch's run stands as it was.
+        shutil.rmtree(runs['torch.distributed.run'][1])
+        runs.update(_under_both(tmp_path, BOTH_STREAMS, flags, elastic, modules=('torch.distributed.run',)))
     got = {module: (_rank_lines(proc.stdout), _rank_lines(proc.stderr), _worker_logs(log_dir))
-           for module, (proc, log_dir) in _under_both(tmp_path, BOTH_STREAMS, flags, elastic).items()}
+           for module, (proc, log_dir) in runs.items()}
     assert got['dslaunch.torch_launch'] == got['torch.distributed.run']
+    assert _every_line_somewhere(*runs['dslaunch.torch_launch'])
     assert got['dslaunch.torch_launch'][2], 'some stream was logged'
 
 
-def _under_both(tmp_path: Path, script_text: str, flags: list[str],
-                elastic: bool) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
+def _every_line_somewhere(proc: subprocess.CompletedProcess[str], log_dir: Path) -> bool:
+    """Whether each line BOTH_STREAMS' two workers write reached the console or a log file."""
+    seen = [*_rank_lines(proc.stdout), *_rank_lines(proc.stderr), *''.join(_worker_logs(log_dir).values()).splitlines()]
+    return all(any(ln.endswith(f'{what} {r}') for ln in seen) for what in ('out', 'err') for r in (0, 1))
+
+
+def _under_both(tmp_path: Path, script_text: str, flags: list[str], elastic: bool,
+                modules: tuple[str, ...] = ('torch.distributed.run', 'dslaunch.torch_launch'),
+                ) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
     """The script run by torchrun and by dslaunch's front end with `flags`, two workers and a log
     dir each (on the elastic path: `--nnodes 1:1` with a c10d rendezvous): module -> (run, log dir)."""
     script = tmp_path / 'worker.py'
     script.write_text(script_text)
     runs = {}
-    for module in ('torch.distributed.run', 'dslaunch.torch_launch'):
+    for module in modules:
         log_dir = tmp_path / module
         use_env = ['--use-env'] if module.startswith('dslaunch') else []
         meet = ['--nnodes', '1:1', '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{free_port()}',

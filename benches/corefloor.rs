@@ -6,8 +6,8 @@
 //! Starts N ranks of PROG through `Supervisor` with the CLI's defaults (own process groups,
 //! pipes and the console multiplexer, the orphan guard, the subreaper and the leftover sweep),
 //! waits for SIGTERM, SIGINT or SIGHUP (blocked, read from a signalfd) or the job's end, passes a
-//! signal on as `Command::Signal` (what the Python host's handler does), prints the report's
-//! first line and ends by the same signal (or with the job's exit code). What it leaves out of
+//! signal on as `Command::Signal` (what the Python host's handler does), prints one line for the
+//! report and ends by the same signal (or with the job's exit code). What it leaves out of
 //! `dslaunch` is the Python interpreter: its start, its report and, above all, its exit.
 //!
 //! Built by the harness: `cargo build --release --example corefloor`.

@@ -18,9 +18,17 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# The native host dslaunch execs for a job (rust/src/host.rs), beside the extension it comes with.
+HOST_BIN := python/dslaunch/dslaunch-host
+define BUILD_HOST
+	cargo build -q --release --bin dslaunch-host
+	install -m 755 target/release/dslaunch-host $(HOST_BIN)
+endef
+
 .PHONY: install
 install: $(PY) ## create .venv and install dslaunch (built from source) with its dev/test deps (torch, pytest, ...)
 	$(PIP) install -q -e '.[dev]'
+	$(BUILD_HOST)
 	@# DeepSpeed itself, for the tests that run real DeepSpeed training scripts under dslaunch and
 	@# under DeepSpeed's own runner. An sdist whose setup.py imports torch: no build isolation, no
 	@# prebuilt ops (the tests' CPU collectives are compiled on first use, with ninja).
@@ -31,6 +39,7 @@ install: $(PY) ## create .venv and install dslaunch (built from source) with its
 .PHONY: build-dev
 build-dev: $(PY) ## rebuild the Rust extension into .venv after a Rust change (optimised)
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release
+	$(BUILD_HOST)
 	$(BYTECODE)
 
 .PHONY: demo

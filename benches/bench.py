@@ -372,6 +372,8 @@ class Env:
         return names[:2] + list(self.extra) + names[2:]
 
     def env_for(self, launcher: str) -> dict[str, str]:
+        if launcher == 'dslaunch-pyhost':
+            return dict(self.base_env, DSLAUNCH_NATIVE_HOST='0')
         if launcher in self.extra:
             return dict(self.base_env, PYTHONPATH=self.extra[launcher])
         return self.base_env
@@ -386,7 +388,7 @@ class Env:
             return [str(self.dslaunch_py), '-S', str(BENCHES / 'pyfloor.py'), str(n), *argv]
         if launcher == 'corefloor':
             return [str(self.tools / 'corefloor'), str(n), *argv]
-        if launcher == 'dslaunch' or launcher in self.extra:
+        if launcher in ('dslaunch', 'dslaunch-pyhost') or launcher in self.extra:
             return [str(self.dslaunch), '--num_gpus', str(n), '--no_python', '--no_local_rank', *argv]
         if launcher == 'dslaunch-node':
             return [str(self.dslaunch_py), '-m', 'dslaunch.launch', f'--world_info={world_info(n)}', '--no_python',
@@ -530,7 +532,7 @@ def scen_teardown(env: Env, ns: Sequence[int], reps: int, rng: random.Random) ->
         # pyfloor and corefloor: reference lines for the SIGTERM teardown (what any launcher hosted
         # by a Python interpreter costs; dslaunch's core without one), not launchers of their own:
         # no SIGKILL trial.
-        references = ['pyfloor'] + (['corefloor'] if (env.tools / 'corefloor').exists() else [])
+        references = ['pyfloor', 'dslaunch-pyhost'] + (['corefloor'] if (env.tools / 'corefloor').exists() else [])
         for rep, name in interleaved(env, rng, reps, [*env.launchers, *references]):
             # SIGTERM: time until the launcher, every rank and every grandchild are gone.
             t = Trial(env.command(name, n, [env.rankprog, 'tree']), env.env_for(name))
@@ -807,7 +809,7 @@ def timing_table(records: Sequence[Record], scenario: str, metric: str, title: s
 
 def order_key(name: str, first: str = 'floor') -> tuple[int, str]:
     """Table order: the floor(s), dslaunch and its variants, then the peers."""
-    order = [first, 'floor', 'pyfloor', 'corefloor', 'file', 'floor-mux', 'dslaunch', 'dslaunch+', 'dslaunch-node',
+    order = [first, 'floor', 'pyfloor', 'corefloor', 'file', 'floor-mux', 'dslaunch', 'dslaunch-pyhost', 'dslaunch+', 'dslaunch-node',
              'torchrun', 'deepspeed']  # fmt: skip
     for i, prefix in enumerate(order):
         if name == prefix or (prefix.endswith('+') and name.startswith(prefix)):

@@ -11,7 +11,7 @@ process kills the job if the launcher itself is SIGKILLed. Every process of a jo
 import os
 from collections.abc import Mapping, Sequence
 from types import FrameType, TracebackType
-from typing import Literal, TypeAlias, final
+from typing import Literal, NoReturn, TypeAlias, final
 
 __all__ = [
     'RUN_ID_VAR',
@@ -218,6 +218,25 @@ class Supervisor:
     ) -> Supervisor: ...
     def start(self) -> None:
         """Starts every rank; raises OSError if one cannot start, after killing those started."""
+    def exec_host(
+        self,
+        host: str | os.PathLike[str],
+        *,
+        start_message: str | None = None,
+        quiet: bool = False,
+        report_json: str | os.PathLike[str] | None = None,
+        pid_file: str | os.PathLike[str] | None = None,
+        launcher_status: bool = False,
+        prog: str | None = None,
+        shown_argv: Sequence[str] | None = None,
+    ) -> NoReturn:
+        """Replaces this process with the native host `host` (`dslaunch-host`), which runs the job,
+        prints the report (not for a `quiet` job that went well), writes `report_json`, removes
+        `pid_file` and ends the process with the job's status (`launcher_status`: 1 after
+        SIGINT/SIGTERM, as DeepSpeed's per-node launcher); `prog` names the command in an error
+        line (default 'dslaunch'); `shown_argv` is appended to the host's
+        arguments for `ps` to show. Only returns by raising OSError when
+        `host` cannot be run; `start()` still works then."""
     def wait(self, timeout: float | None = None) -> Report | None:
         """Waits with the GIL released until the job is over; None if `timeout` passed first."""
     def poll(self) -> Report | None:

@@ -58,7 +58,7 @@ def run_deepspeed_cli(argv: Sequence[str], prog: str = PROG) -> int:
 
         # In-process: the per-node launcher's argv without `python -u -m dslaunch.launch`.
         node_args = launch.parse_args(plan.argv[4:], prog='dslaunch.launch')
-        return launch_run.run_node(node_args, plan.env)
+        return launch_run.run_node(node_args, plan.env, native_prog=prog)
     if args.dry_run:
         # Exactly what would run: the environment get_cmd set (PDSH_RCMD_TYPE, Slurm's exports) goes
         # in front, and the per-job files the command names stay, so the line works when pasted.

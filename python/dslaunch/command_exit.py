@@ -38,6 +38,11 @@ def will_exit() -> None:
     _ending_with_exit = True
 
 
+def ending_with_exit() -> bool:
+    """Whether this process is a command that ends with `exit_now` (not a caller of `cli.main`)."""
+    return _ending_with_exit
+
+
 def leave_to_exit(*objects: object) -> None:
     """Keeps `objects` alive until the process exits, when the command will end with `exit_now`;
     does nothing otherwise."""

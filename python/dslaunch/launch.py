@@ -234,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dslaunch.launch_run import run_node
 
     try:
-        return command_exit.per_node_launcher(run_node(parse_args(argv, prog='dslaunch.launch')))
+        args = parse_args(argv, prog='dslaunch.launch')
+        return command_exit.per_node_launcher(run_node(args, native_prog='dslaunch.launch', launcher_status=True))
     except DslaunchError as e:
         print(f'dslaunch.launch: error: {e}', file=sys.stderr)
         return e.exit_code

@@ -87,6 +87,19 @@ def check_script(args: argparse.Namespace) -> None:
         raise UsageError(f'training script {script!r} not found (cwd {os.getcwd()})')
 
 
+#: Set to 0 to run every job under the Python host (`native_host`).
+NATIVE_HOST_ENV = 'DSLAUNCH_NATIVE_HOST'
+
+
+def native_host() -> str | None:
+    """The native host binary (`dslaunch-host`, built beside the extension by `make install`), or
+    None where it is missing or `DSLAUNCH_NATIVE_HOST=0` asks for the Python host."""
+    if os.environ.get(NATIVE_HOST_ENV, '1') == '0':
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dslaunch-host')
+    return path if os.access(path, os.X_OK) else None
+
+
 class PidFile:
     """`--save_pid`: `/tmp/<runner pid>.deepspeed` holding our pid, removed when the job ends
     (DeepSpeed leaves it behind after success and failure)."""
@@ -154,6 +167,8 @@ def run_plans(
     prefix: str = DEFAULT_PREFIX,
     stop_signals: Sequence[int] | None = None,
     console_copies: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+    native_prog: str | None = None,
+    launcher_status: bool = False,
 ) -> int:
     """Starts the planned ranks, waits for them, prints the report; returns the job's status
     (`command_exit.job_status`: -N when signal N stopped it).
@@ -164,6 +179,11 @@ def run_plans(
     printed once at start (unless `quiet`), for `dslaunch stacks <job id>`. `stop_signals` (default
     `signal_policy.STOP_SIGNALS`): the signals that end the job, passed on to the ranks first.
     `console_copies`: the core's (torchrun's --duplicate-*-filters).
+
+    `native_prog` (the command's name) lets a command that ends with `command_exit.exit_now` hand
+    a job that needs no Python while it runs (no hang watchdog, no multi-node runner) to the native
+    host (`native_host`, rust/src/host.rs): this process becomes it, and it ends the process as
+    the command would (`launcher_status`: `command_exit.per_node_launcher`'s status).
 
     Under a multi-node runner (`DSLAUNCH_REPORT_TO` and `DSLAUNCH_JOB_TOKEN` in `environ`), the
     first failure is reported to the runner the moment it happens, and a stop from the runner
@@ -238,7 +258,14 @@ def run_plans(
             client = jobchannel.JobClient(report_to, token, node_rank or 0, on_stop, on_signal=on_signal)
         except OSError as e:
             raise DslaunchError(f'cannot reach the dslaunch runner at {report_to}: {e.strerror or e}') from None
-    with PidFile(save_pid):
+    start_message = None
+    if not quiet and plans:
+        start_message = (f'dslaunch: job {sup.run_id}: {len(plans)} rank(s), launcher pid {os.getpid()} '
+                         f'(their Python stacks: dslaunch stacks {sup.run_id})')
+    with PidFile(save_pid) as pid_file:
+        if native_prog and watch is None and client is None:
+            _hand_to_native_host(sup, native_prog, launcher_status, start_message=start_message, quiet=quiet,
+                                 report_json=report_json, pid_file=pid_file.path)  # fmt: skip
         try:
             sup.start()
         except OSError as e:
@@ -250,13 +277,27 @@ def run_plans(
         started.append(True)
         if stops:
             sup.stop(stops[0])  # a stop that arrived while the ranks were starting
-        if not quiet and plans:
-            sup.console_message(f'dslaunch: job {sup.run_id}: {len(plans)} rank(s), launcher pid {os.getpid()} '
-                                f'(their Python stacks: dslaunch stacks {sup.run_id})')
+        if start_message is not None:
+            sup.console_message(start_message)
         report = _supervise(sup, client, watch, stops)
     command_exit.leave_to_exit(plans, specs, overrides, sup, report, environ)
     return _report_and_status(report, watch, client, shown_any=bool(plans), quiet=quiet, merged=merged,
                               report_json=report_json)  # fmt: skip
+
+
+def _hand_to_native_host(sup: _core.Supervisor, prog: str, launcher_status: bool, *, start_message: str | None,
+                         quiet: bool, report_json: str | None, pid_file: str | None) -> None:
+    """Becomes the native host for this job, which ends the process (`Supervisor.exec_host`);
+    returns when the Python host must run it: not a command's own process, no host binary, or
+    one that cannot be run."""
+    host = native_host() if command_exit.ending_with_exit() else None
+    if host is None:
+        return
+    try:
+        sup.exec_host(host, start_message=start_message, quiet=quiet, report_json=report_json, pid_file=pid_file,
+                      launcher_status=launcher_status, prog=prog, shown_argv=[prog, *sys.argv[1:]])
+    except OSError as e:
+        print(f'dslaunch: warning: cannot run the native host {host}: {e.strerror or e}', file=sys.stderr)
 
 
 def _report_and_status(report: _core.Report, watch: HangWatch | None, client: jobchannel.JobClient | None, *,
@@ -324,8 +365,10 @@ def _supervise(sup: _core.Supervisor, client: jobchannel.JobClient | None, watch
     return report
 
 
-def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
-    """Everything `python -m dslaunch.launch` does after parsing its arguments."""
+def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None, *, native_prog: str | None = None,
+             launcher_status: bool = False) -> int:
+    """Everything `python -m dslaunch.launch` does after parsing its arguments (`native_prog`,
+    `launcher_status`: `run_plans`')."""
     from dslaunch import launch
 
     env = dict(os.environ if environ is None else environ)
@@ -363,4 +406,6 @@ def run_node(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         collapse_window=collapse_window,
         status_line=getattr(args, 'status_line', 'auto'),
         quiet=bool(getattr(args, 'quiet', False)) or getattr(args, 'log_level', 'info') in ('error', 'critical'),
+        native_prog=native_prog,
+        launcher_status=launcher_status,
     )

@@ -45,6 +45,14 @@ impl CoreError {
     }
 }
 
+/// `strerror(3)` text without Rust's " (os error N)" suffix, as Python's own OSError prints it.
+pub fn strerror(errno: i32) -> String {
+    // SAFETY: strerror returns a pointer to a NUL-terminated static (or thread-local) string.
+    unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Result alias for the core.
 pub type CoreResult<T> = Result<T, CoreError>;
 
@@ -59,14 +67,6 @@ pyo3::create_exception!(
     PyRuntimeError,
     "The supervisor was used in the wrong order (started twice, waited on before start)."
 );
-
-/// `strerror(3)` text without Rust's " (os error N)" suffix, as Python's own OSError prints it.
-fn strerror(errno: i32) -> String {
-    // SAFETY: strerror returns a pointer to a NUL-terminated static (or thread-local) string.
-    unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno)) }
-        .to_string_lossy()
-        .into_owned()
-}
 
 /// An `OSError(errno, strerror, filename)`; Python picks the subclass (FileNotFoundError,
 /// PermissionError, ...) from the errno, exactly as for `subprocess.Popen`.

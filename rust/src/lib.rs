@@ -5,8 +5,11 @@
 
 pub mod closer;
 pub mod error;
+pub mod host;
 pub mod logmux;
+pub mod plan;
 pub mod reap;
+pub mod report;
 pub mod signals;
 pub mod spawn;
 pub mod supervisor;

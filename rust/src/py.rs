@@ -794,6 +794,86 @@ impl PySupervisor {
         Ok(())
     }
 
+    /// Replaces this process with the native host `host` (`dslaunch-host`), which runs the job
+    /// as `start()` and `wait()` would, prints the report (unless `quiet` and the job went well),
+    /// writes `report_json`, removes `pid_file` and ends the process with the job's status
+    /// (`launcher_status`: DeepSpeed's per-node launcher's, 1 after SIGINT/SIGTERM; `prog`: the
+    /// command named in an error line, default `dslaunch`). The
+    /// signals passed on are this supervisor's. `shown_argv` follows the host's own arguments
+    /// (after `--`), only for `ps` to show what the user ran. Returns only by raising OSError when `host`
+    /// cannot be executed: the supervisor is then as before, and `start()` still works.
+    #[pyo3(signature = (host, *, start_message=None, quiet=false, report_json=None, pid_file=None,
+                        launcher_status=false, prog=None, shown_argv=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec_host(
+        &self,
+        py: Python<'_>,
+        host: PathBuf,
+        start_message: Option<String>,
+        quiet: bool,
+        report_json: Option<PathBuf>,
+        pid_file: Option<PathBuf>,
+        launcher_status: bool,
+        prog: Option<String>,
+        shown_argv: Option<Vec<OsString>>,
+    ) -> PyResult<()> {
+        let config = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| SupervisorError::new_err("the supervisor was already started"))?;
+        let plan = crate::plan::HostPlan {
+            config,
+            finish: crate::plan::Finish {
+                forward: self.forward.clone(),
+                start_message,
+                quiet,
+                report_json,
+                pid_file,
+                launcher_status,
+                prog: prog.unwrap_or_else(|| "dslaunch".to_owned()),
+            },
+        };
+        let bytes = crate::plan::encode(&plan);
+        let io = |e: std::io::Error| PyErr::from(CoreError::Io(e));
+        // Inherited by the host (no CLOEXEC), which reads it and closes it before any rank starts.
+        let memfd =
+            rustix::fs::memfd_create("dslaunch-plan", rustix::fs::MemfdFlags::empty()).map_err(|e| io(e.into()))?;
+        let mut file = std::fs::File::from(memfd);
+        std::io::Write::write_all(&mut file, &bytes).map_err(io)?;
+        std::io::Seek::rewind(&mut file).map_err(io)?;
+        for stream in ["stdout", "stderr"] {
+            if let Ok(s) = py.import("sys")?.getattr(stream) {
+                let _ = s.call_method0("flush");
+            }
+        }
+        let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| PyValueError::new_err("a NUL byte in an argument"));
+        let path = c(std::os::unix::ffi::OsStrExt::as_bytes(host.as_os_str()))?;
+        let mut args = vec![
+            path.clone(),
+            c(b"--plan-fd")?,
+            c(file.as_raw_fd().to_string().as_bytes())?,
+        ];
+        if let Some(shown) = shown_argv.filter(|a| !a.is_empty()) {
+            args.push(c(b"--")?);
+            for a in &shown {
+                args.push(c(std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str()))?);
+            }
+        }
+        let argv: Vec<*const libc::c_char> = args
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        // SAFETY: NUL-terminated strings and a null-terminated argv that outlive the call; execv
+        // returns only on failure. The environment is this process's (`os.environ` keeps it).
+        unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+        let e = std::io::Error::last_os_error();
+        drop(file);
+        Err(PyErr::from(CoreError::spawn(e, host)))
+    }
+
     /// Prints `text` on the console in order with the ranks' lines (after the lines the
     /// collapser holds, above the status line). Returns False when the console is already
     /// closed (the job is over or ending): print it yourself then.

@@ -5,9 +5,9 @@ Launchers (one line each in every table):
   floor      benches/floor.c, compiled with cc now: posix_spawn N + signalfd/waitpid (+ epoll mux)
   pyfloor    benches/pyfloor.py under `python -S` (teardown only): the same job in a Python process,
              what the interpreter alone costs a launcher hosted by Python
-  corefloor  benches/corefloor.rs, built with cargo now (teardown only): dslaunch's Rust core in a
-             native process, what dslaunch would cost without Python (left out without cargo)
   dslaunch   .venv/bin/dslaunch --num_gpus N --no_python --no_local_rank PROG...
+  dslaunch-pyhost  the same with DSLAUNCH_NATIVE_HOST=0 (teardown only): dslaunch's job kept on its
+             Python host instead of the native one, what hosting the core in Python costs
   torchrun   python -m torch.distributed.run --standalone --nproc-per-node N --no-python PROG...
   deepspeed  python -m deepspeed.launcher.launch --world_info=<b64 {"localhost": [0..N-1]}>
              --no_python --no_local_rank PROG...   (DeepSpeed 0.19.8's per-node launcher)
@@ -386,8 +386,6 @@ class Env:
             return [str(self.floor), str(n), *argv]
         if launcher == 'pyfloor':
             return [str(self.dslaunch_py), '-S', str(BENCHES / 'pyfloor.py'), str(n), *argv]
-        if launcher == 'corefloor':
-            return [str(self.tools / 'corefloor'), str(n), *argv]
         if launcher in ('dslaunch', 'dslaunch-pyhost') or launcher in self.extra:
             return [str(self.dslaunch), '--num_gpus', str(n), '--no_python', '--no_local_rank', *argv]
         if launcher == 'dslaunch-node':
@@ -409,24 +407,11 @@ def world_info(n: int) -> str:
     return base64.urlsafe_b64encode(json.dumps({'localhost': list(range(n))}).encode()).decode()
 
 
-def build_tools(tools: Path, corefloor: bool = False) -> None:
+def build_tools(tools: Path) -> None:
     tools.mkdir(parents=True, exist_ok=True)
     cc = os.environ.get('CC', 'cc')
     for name in ('floor', 'rankprog'):
         subprocess.run([cc, '-O2', '-Wall', '-o', str(tools / name), str(BENCHES / f'{name}.c')], check=True)
-    if corefloor:
-        # A reference line only: without cargo (or if the build fails) it is left out, said so.
-        try:
-            built = subprocess.run(['cargo', 'build', '-q', '--release', '--example', 'corefloor'], cwd=ROOT,
-                                   capture_output=True, text=True, check=False)  # fmt: skip
-        except FileNotFoundError:
-            built = None
-        exe = ROOT / 'target' / 'release' / 'examples' / 'corefloor'
-        if built is not None and built.returncode == 0 and exe.exists():
-            shutil.copy2(exe, tools / 'corefloor')
-        else:
-            why = 'cargo not found' if built is None else (built.stderr.strip().splitlines() or ['failed'])[-1]
-            print(f'bench: corefloor left out: {why}', file=sys.stderr)
 
 
 def find_peers(env: Env) -> None:
@@ -529,10 +514,10 @@ def wait_ranks(t: Trial, env: Env, want: int, timeout: float) -> list[int]:
 def scen_teardown(env: Env, ns: Sequence[int], reps: int, rng: random.Random) -> list[Record]:
     out = []
     for n in ns:
-        # pyfloor and corefloor: reference lines for the SIGTERM teardown (what any launcher hosted
-        # by a Python interpreter costs; dslaunch's core without one), not launchers of their own:
-        # no SIGKILL trial.
-        references = ['pyfloor', 'dslaunch-pyhost'] + (['corefloor'] if (env.tools / 'corefloor').exists() else [])
+        # pyfloor and dslaunch-pyhost: reference lines for the SIGTERM teardown (what any launcher
+        # hosted by a Python interpreter costs; dslaunch's job on its Python host), not launchers
+        # of their own: no SIGKILL trial.
+        references = ['pyfloor', 'dslaunch-pyhost']
         for rep, name in interleaved(env, rng, reps, [*env.launchers, *references]):
             # SIGTERM: time until the launcher, every rank and every grandchild are gone.
             t = Trial(env.command(name, n, [env.rankprog, 'tree']), env.env_for(name))
@@ -809,7 +794,7 @@ def timing_table(records: Sequence[Record], scenario: str, metric: str, title: s
 
 def order_key(name: str, first: str = 'floor') -> tuple[int, str]:
     """Table order: the floor(s), dslaunch and its variants, then the peers."""
-    order = [first, 'floor', 'pyfloor', 'corefloor', 'file', 'floor-mux', 'dslaunch', 'dslaunch-pyhost', 'dslaunch+', 'dslaunch-node',
+    order = [first, 'floor', 'pyfloor', 'file', 'floor-mux', 'dslaunch', 'dslaunch-pyhost', 'dslaunch+', 'dslaunch-node',
              'torchrun', 'deepspeed']  # fmt: skip
     for i, prefix in enumerate(order):
         if name == prefix or (prefix.endswith('+') and name.startswith(prefix)):
@@ -924,10 +909,10 @@ def targets(rec: Sequence[Record]) -> list[dict[str, Any]]:
         if r is not None:
             add(f'(reference, not a target) SIGTERM teardown N={n}: the Python floor (pyfloor) vs the floor',
                 fmt_ratio(r), None)  # fmt: skip
-        r = ratio(m('sigterm', n, 'corefloor'), m('sigterm', n, 'floor'))
+        r = ratio(m('sigterm', n, 'dslaunch-pyhost'), m('sigterm', n, 'floor'))
         if r is not None:
-            add(f"(reference, not a target) SIGTERM teardown N={n}: dslaunch's core hosted natively (corefloor) "
-                'vs the floor', fmt_ratio(r), None)  # fmt: skip
+            add(f'(reference, not a target) SIGTERM teardown N={n}: dslaunch on its Python host '
+                '(DSLAUNCH_NATIVE_HOST=0) vs the floor', fmt_ratio(r), None)  # fmt: skip
     for n in sorted({r['n'] for r in rec if r['scenario'] == 'sigkill'}):
         o = worst('sigkill', n, 'dslaunch', 'orphans_1s')
         add(f'SIGKILL N={n}: 0 left after 1 s', str(o), None if o is None else o == 0)
@@ -1016,7 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shm = Path('/dev/shm')
     tmp = Path(tempfile.mkdtemp(prefix='dslaunch-bench-', dir=shm if os.access(shm, os.W_OK) else None))
     env = Env(quick=quick, tools=tmp / 'bin')
-    build_tools(env.tools, corefloor='teardown' in only)
+    build_tools(env.tools)
     # Python ranks run a bare venv of the base interpreter: no site-packages .pth files of this
     # machine (a sandbox CA hook there costs 40 ms per start), the same for every launcher.
     base_py = os.path.realpath(getattr(sys, '_base_executable', sys.executable))

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 STYLE = {
     'floor': {'color': 'black', 'linestyle': '--', 'marker': 'o'},
     'pyfloor': {'color': 'grey', 'linestyle': ':', 'marker': '.'},
-    'corefloor': {'color': 'tab:olive', 'linestyle': ':', 'marker': '.'},
+    'dslaunch-pyhost': {'color': 'tab:olive', 'linestyle': ':', 'marker': '.'},
     'dslaunch': {'color': 'tab:green', 'marker': 'o'},
     'dslaunch+fix': {'color': 'tab:green', 'linestyle': ':', 'marker': 'x'},
     'torchrun': {'color': 'tab:orange', 'marker': 's'},

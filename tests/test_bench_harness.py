@@ -9,14 +9,11 @@ pid of an orphan reaped earlier: it must get its own status, not the orphan's.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers.procs import marked, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NS_LAST_PID = Path('/proc/sys/kernel/ns_last_pid')
@@ -61,42 +58,3 @@ def test_a_launcher_on_a_reused_pid_gets_its_own_status_not_an_orphans() -> None
         pytest.skip('another process took the pid every time (a busy machine)')
     # The orphan died of SIGKILL (137 in the shell's terms); the launcher, /bin/true, exited 0.
     assert status == 0
-
-
-@pytest.fixture(scope='module')
-def corefloor() -> Path:
-    """benches/corefloor.rs, built as the harness builds it but in the debug profile (quick)."""
-    if shutil.which('cargo') is None:
-        pytest.skip('cargo not installed')
-    subprocess.run(['cargo', 'build', '-q', '--example', 'corefloor'], cwd=ROOT, check=True, timeout=600)
-    return ROOT / 'target' / 'debug' / 'examples' / 'corefloor'
-
-
-def test_the_core_floor_tears_its_ranks_and_their_children_down_on_sigterm(corefloor: Path) -> None:
-    """A reference line must do the job it is measured on: every rank and grandchild gone, then
-    the process ends by the signal, having said so."""
-    value = f'{os.getpid()}-{id(corefloor)}'
-    entry = f'COREFLOOR_TEST={value}'
-    tree = 'echo up; sleep 60 & wait'  # a rank with a child of its own, as rankprog's `tree`
-    proc = subprocess.Popen([str(corefloor), '3', '/bin/sh', '-c', tree], env=dict(os.environ, COREFLOOR_TEST=value),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(3)]
-        assert sorted(lines) == ['[0]: up\n', '[1]: up\n', '[2]: up\n']
-        wait_until(lambda: len(set(marked(entry)) - {proc.pid}) == 6, 10, 'three ranks and their sleepers')
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert proc.returncode == -signal.SIGTERM
-    assert err.strip().splitlines()[-1] == f'corefloor: stopped by signal {int(signal.SIGTERM)}'
-    assert marked(entry) == []
-
-
-def test_the_core_floor_ends_with_a_failed_ranks_code(corefloor: Path) -> None:
-    proc = subprocess.run([str(corefloor), '2', '/bin/sh', '-c', 'exit $((RANK + 3))'], capture_output=True,
-                          text=True, timeout=30, check=False)  # fmt: skip
-    assert proc.returncode in (3, 4)  # the first rank to fail: fail-fast ends the other
-    assert proc.stderr.strip().splitlines()[-1] == f'corefloor: 2 ranks ended, exit code {proc.returncode}'

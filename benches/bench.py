@@ -652,11 +652,11 @@ class RssSampler(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        launcher_exe = exe_of(self.pid)
         while not self.stop.is_set():
             st = proc_status(self.pid)
             if not st:
                 return
+            launcher_exe = exe_of(self.pid)  # read each time: dslaunch execs its native host
             self.hwm = max(self.hwm, kb(st.get('VmHWM')))
             now = time.monotonic()
             for kid in children_of(self.pid):

@@ -19,6 +19,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 # The native host dslaunch execs for a job (rust/src/host.rs), beside the extension it comes with.
+# pip builds it through build_host.py; `maturin develop` does not, so build-dev does it here.
 HOST_BIN := python/dslaunch/dslaunch-host
 define BUILD_HOST
 	cargo build -q --release --bin dslaunch-host
@@ -28,7 +29,6 @@ endef
 .PHONY: install
 install: $(PY) ## create .venv and install dslaunch (built from source) with its dev/test deps (torch, pytest, ...)
 	$(PIP) install -q -e '.[dev]'
-	$(BUILD_HOST)
 	@# DeepSpeed itself, for the tests that run real DeepSpeed training scripts under dslaunch and
 	@# under DeepSpeed's own runner. An sdist whose setup.py imports torch: no build isolation, no
 	@# prebuilt ops (the tests' CPU collectives are compiled on first use, with ninja).

@@ -9,10 +9,12 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,6 @@ BIN = Path(sys.executable).parent
 DSLAUNCH = str(BIN / 'dslaunch')
 HOST = Path(_core.__file__).resolve().parent / 'dslaunch-host'
 
-pytestmark = pytest.mark.skipif(not os.access(HOST, os.X_OK), reason=f'no native host at {HOST} (make install builds it)')
 
 #: Where a report starts in stderr: its first line.
 REPORT_START = re.compile(r'^dslaunch: (\d+ ranks? (on \S+ )?finished|rank \S+ \(pid|stopped)')
@@ -265,3 +266,27 @@ def test_the_host_refuses_to_run_by_hand_or_without_a_plan() -> None:
     assert garbage.returncode == 1
     assert garbage.stderr.strip() == ("dslaunch: error: cannot read the job's plan: not a dslaunch plan "
                                       '(rebuild: make build-dev, or set DSLAUNCH_NATIVE_HOST=0)')
+
+
+@pytest.mark.skipif(shutil.which('cargo') is None, reason='cargo not installed')
+def test_a_wheel_built_by_pip_carries_the_native_host(tmp_path: Path) -> None:
+    """A user's `pip install` from source, not `make`: the build backend (build_host.py) puts the
+    host into the wheel, and the installed command becomes it."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation', '-w',
+                    str(tmp_path / 'wheels'), str(root)], check=True, timeout=900)  # fmt: skip
+    wheel = next((tmp_path / 'wheels').glob('dslaunch-*.whl'))
+    with zipfile.ZipFile(wheel) as z:
+        assert z.getinfo('dslaunch/dslaunch-host').external_attr >> 16 & 0o111, 'not executable in the wheel'
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True, timeout=120)
+    site = next((venv / 'lib').glob('python3*/site-packages'))
+    with zipfile.ZipFile(wheel) as z:  # what pip would do, without fetching the dependencies
+        z.extractall(site)
+    (site / 'dslaunch' / 'dslaunch-host').chmod(0o755)
+    rank = ['/bin/sh', '-c', 'readlink /proc/$PPID/exe']
+    proc = subprocess.run([str(venv / 'bin' / 'python'), '-m', 'dslaunch', '--num_gpus', '1', '--no_python',
+                           '--no_local_rank', *rank], env=env_for(True), capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(f'{site.name}/dslaunch/dslaunch-host'), proc.stdout

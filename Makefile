@@ -62,7 +62,7 @@ test: install system-deps test-rust test-python ## set up (dev deps; as root als
 lint: ## rustfmt, clippy, ruff, mypy, stubtest
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	$(PY) -m ruff check python tests benches examples
+	$(PY) -m ruff check python tests benches examples build_host.py
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest dslaunch._core --allowlist .mypy-stubtest-allowlist
 

@@ -92,8 +92,9 @@ NATIVE_HOST_ENV = 'DSLAUNCH_NATIVE_HOST'
 
 
 def native_host() -> str | None:
-    """The native host binary (`dslaunch-host`, built beside the extension by `make install`), or
-    None where it is missing or `DSLAUNCH_NATIVE_HOST=0` asks for the Python host."""
+    """The native host binary (`dslaunch-host`, put beside the extension by the build backend,
+    build_host.py), or None where it is missing or `DSLAUNCH_NATIVE_HOST=0` asks for the Python
+    host."""
     if os.environ.get(NATIVE_HOST_ENV, '1') == '0':
         return None
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dslaunch-host')

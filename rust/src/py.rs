@@ -415,6 +415,17 @@ impl PySupervisor {
     }
 }
 
+/// Flushes Python's own buffered output, so the ranks' lines (or the native host's) do not
+/// overtake it.
+fn flush_python_output(py: Python<'_>) -> PyResult<()> {
+    for stream in ["stdout", "stderr"] {
+        if let Ok(s) = py.import("sys")?.getattr(stream) {
+            let _ = s.call_method0("flush");
+        }
+    }
+    Ok(())
+}
+
 /// Whether this is Python's main thread, the only one that may set signal handlers.
 fn is_main_thread(py: Python<'_>) -> PyResult<bool> {
     // Importing `threading` only to ask costs a CLI start 1 ms. Without it loaded, no Python
@@ -606,12 +617,7 @@ impl PySupervisor {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
             .ok_or_else(|| SupervisorError::new_err("the supervisor was already started"))?;
-        // Flush Python's own buffered output first so it is not overtaken by the ranks'.
-        for stream in ["stdout", "stderr"] {
-            if let Ok(s) = py.import("sys")?.getattr(stream) {
-                let _ = s.call_method0("flush");
-            }
-        }
+        flush_python_output(py)?;
         let sup = py.detach(|| Supervisor::start(cfg))?;
         *this.handle.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sup);
         if !this.forward.is_empty() && is_main_thread(py)? {
@@ -843,11 +849,7 @@ impl PySupervisor {
         let mut file = std::fs::File::from(memfd);
         std::io::Write::write_all(&mut file, &bytes).map_err(io)?;
         std::io::Seek::rewind(&mut file).map_err(io)?;
-        for stream in ["stdout", "stderr"] {
-            if let Ok(s) = py.import("sys")?.getattr(stream) {
-                let _ = s.call_method0("flush");
-            }
-        }
+        flush_python_output(py)?;
         let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| PyValueError::new_err("a NUL byte in an argument"));
         let path = c(std::os::unix::ffi::OsStrExt::as_bytes(host.as_os_str()))?;
         let mut args = vec![

@@ -13,13 +13,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::error::{CoreError, SupervisorError};
+use crate::report::{outcome, unix_time, Outcome};
 use crate::supervisor::{CollapseMode, Command, Config, ConsoleCopy, JobState, RankConfig, RankInfo, Supervisor};
-use crate::{reap, signals, tree};
-
-fn unix_time(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
+use crate::{signals, tree};
 
 /// Any mapping (a dict, `os.environ`) as owned key/value pairs.
 fn extract_env(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(OsString, OsString)>> {
@@ -222,23 +218,12 @@ pub struct PyRankResult {
 
 impl PyRankResult {
     fn from_info(rank: usize, r: &RankInfo) -> Self {
-        let (returncode, signal, exit_status) = match r.status {
-            Some(s) => (
-                Some(s.returncode()),
-                match s {
-                    reap::ExitStatus::Signal(n) => Some(n),
-                    reap::ExitStatus::Code(_) => None,
-                },
-                Some(s.shell_code()),
-            ),
-            None => (None, None, None),
-        };
-        let state = match r.status {
-            None => "running",
-            Some(reap::ExitStatus::Code(0)) => "exited",
-            Some(reap::ExitStatus::Code(_)) => "failed",
-            Some(reap::ExitStatus::Signal(_)) => "killed",
-        };
+        let Outcome {
+            returncode,
+            signal,
+            exit_status,
+            state,
+        } = outcome(r.status);
         PyRankResult {
             rank,
             tag: r.tag.clone(),

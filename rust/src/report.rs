@@ -14,7 +14,7 @@ use crate::reap::ExitStatus;
 use crate::supervisor::{JobState, RankInfo};
 
 /// Seconds since the epoch, as the Python objects carry them.
-fn unix_time(t: SystemTime) -> f64 {
+pub fn unix_time(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
@@ -101,6 +101,33 @@ pub fn shell(status: i32) -> i32 {
         128 - status
     } else {
         status
+    }
+}
+
+/// How a rank ended, in the terms of `RankResult` and the report: its `subprocess`-style
+/// returncode, the signal that killed it, its shell exit status and its state word.
+pub struct Outcome {
+    pub returncode: Option<i32>,
+    pub signal: Option<i32>,
+    pub exit_status: Option<i32>,
+    pub state: &'static str,
+}
+
+/// The `Outcome` of a rank with this exit status (None: still running).
+pub fn outcome(status: Option<ExitStatus>) -> Outcome {
+    Outcome {
+        returncode: status.map(ExitStatus::returncode),
+        signal: match status {
+            Some(ExitStatus::Signal(n)) => Some(n),
+            _ => None,
+        },
+        exit_status: status.map(ExitStatus::shell_code),
+        state: match status {
+            None => "running",
+            Some(ExitStatus::Code(0)) => "exited",
+            Some(ExitStatus::Code(_)) => "failed",
+            Some(ExitStatus::Signal(_)) => "killed",
+        },
     }
 }
 
@@ -363,23 +390,12 @@ pub fn py_float(f: f64) -> String {
 const REPORT_SCHEMA: &str = "dslaunch.report/1";
 
 fn rank_fields(r: &RankInfo, host: &str) -> Vec<(&'static str, Json)> {
-    let (returncode, signal, exit_status) = match r.status {
-        Some(s) => (
-            Some(s.returncode()),
-            match s {
-                ExitStatus::Signal(n) => Some(n),
-                ExitStatus::Code(_) => None,
-            },
-            Some(s.shell_code()),
-        ),
-        None => (None, None, None),
-    };
-    let state = match r.status {
-        None => "running",
-        Some(ExitStatus::Code(0)) => "exited",
-        Some(ExitStatus::Code(_)) => "failed",
-        Some(ExitStatus::Signal(_)) => "killed",
-    };
+    let Outcome {
+        returncode,
+        signal,
+        exit_status,
+        state,
+    } = outcome(r.status);
     let int = |v: i32| Json::Int(v.into());
     let time = |t: SystemTime| Json::Float(unix_time(t));
     vec![

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -335,7 +336,12 @@ def test_pet_variables_are_the_defaults_of_torchruns_options(tmp_path: Path) -> 
     assert {(e['LOCAL_WORLD_SIZE'], e['ROLE_NAME'], e['MASTER_PORT'], e['TORCHELASTIC_RUN_ID']) for e in envs} == \
         {('2', 'trainer', str(port), 'kube7')}
     (tmp_path / 'rank1.json').unlink()
-    proc = dslaunch('--nproc-per-node', '1', DUMP, env={**pet, 'PET_STANDALONE': '1'})
+    # Hold PET_MASTER_PORT while the standalone run picks its own: a port just closed may be the
+    # kernel's next ephemeral pick, and one held can never be.
+    with socket.socket() as held:
+        held.bind(('127.0.0.1', port))
+        held.listen()
+        proc = dslaunch('--nproc-per-node', '1', DUMP, env={**pet, 'PET_STANDALONE': '1'})
     assert proc.returncode == 0, proc.stderr
     env = _ranks(tmp_path, 1)[0]['env']
     assert env['LOCAL_WORLD_SIZE'] == '1' and not (tmp_path / 'rank1.json').exists()  # the flag beats PET_

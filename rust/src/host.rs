@@ -2,7 +2,8 @@
 //!
 //! `dslaunch` parses and plans in Python, then `exec`s `dslaunch-host` with the plan
 //! (`Supervisor.exec_host`, `plan.rs`). The same pid goes on as a small native process that
-//! runs the job with this crate's `Supervisor`, passes signals on, prints the report, writes
+//! runs the job with this crate's `Supervisor` on its main thread (`run_here`: the loop reads
+//! the signals from a signalfd), passes signals on, prints the report, writes
 //! `--report_json` and ends as the Python host would. What that saves is the interpreter on
 //! the paths users wait on: its memory, its wake-up to report, and above all its exit, about
 //! 1-2 ms of every SIGTERM teardown (docs/benchmarks.md). Jobs that need Python while they run
@@ -10,12 +11,11 @@
 //! keep the Python host.
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::error::{strerror, CoreError};
 use crate::plan::{Finish, HostPlan};
-use crate::report;
-use crate::supervisor::{Command, Supervisor};
+use crate::supervisor::Supervisor;
+use crate::{report, signals};
 
 /// Runs the job and ends the process as the Python host does (`command_exit.exit_now`).
 pub fn run(plan: HostPlan) -> ! {
@@ -23,35 +23,23 @@ pub fn run(plan: HostPlan) -> ! {
     let n = config.ranks.len();
     let run_id = config.run_id.clone();
     let tail_of = if config.merge_stderr { "output" } else { "stderr" };
-    // Blocked before the supervisor's threads start, so they inherit the mask (the ranks are
+    // Blocked before any thread starts (the closer of a big job inherits the mask; the ranks are
     // spawned with an empty one); a signal this process ignores stays ignored (nohup's SIGHUP).
     let forward: Vec<i32> = finish.forward.iter().copied().filter(|&s| !ignored(s)).collect();
-    let signals = match signal_fd(&forward) {
+    let signals = match signals::signal_fd(&forward) {
         Ok(fd) => fd,
         Err(e) => fail(&finish, &format!("cannot take signals: {e}")),
     };
-    let sup = match Supervisor::start(config) {
-        Ok(sup) => sup,
+    // One thread: the loop reads the signals itself and returns when the job is over.
+    let started = |sup: &Supervisor| {
+        if let Some(text) = &finish.start_message {
+            sup.message(true, text.as_bytes());
+        }
+    };
+    let state = match Supervisor::run_here(config, Some(signals), started) {
+        Ok(state) => state,
         Err(e) => fail(&finish, &start_error(&e, n)),
     };
-    if let Some(text) = &finish.start_message {
-        sup.message(true, text.as_bytes());
-    }
-    while !sup.is_done() {
-        let done = sup.done_fd();
-        let mut fds = [
-            rustix::event::PollFd::new(&done, rustix::event::PollFlags::IN),
-            rustix::event::PollFd::new(&signals, rustix::event::PollFlags::IN),
-        ];
-        let _ = rustix::event::poll(&mut fds, None);
-        if fds[1].revents().contains(rustix::event::PollFlags::IN) {
-            while let Some(sig) = read_signal(signals.as_fd()) {
-                sup.send(Command::Signal(sig));
-            }
-        }
-    }
-    sup.wait_timeout(None);
-    let state = sup.state();
     remove_pid_file(&finish);
     let status = report::job_status(&state);
     let returncode = report::shell(status);
@@ -122,41 +110,6 @@ fn ignored(sig: i32) -> bool {
     }
 }
 
-fn sigset(signals: &[i32]) -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set; sigaddset only sets bits in it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &s in signals {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    }
-}
-
-/// Blocks `signals` and returns a signalfd that reads them.
-fn signal_fd(signals: &[i32]) -> std::io::Result<OwnedFd> {
-    let set = sigset(signals);
-    // SAFETY: plain libc calls on an initialised set; the new fd is owned by the OwnedFd.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
-}
-
-/// The next signal waiting on the signalfd, if any.
-fn read_signal(fd: BorrowedFd<'_>) -> Option<i32> {
-    let mut info = [0u8; 128]; // one signalfd_siginfo; ssi_signo is its first field
-    match rustix::io::read(fd, &mut info) {
-        Ok(128) => Some(i32::from_ne_bytes([info[0], info[1], info[2], info[3]])),
-        _ => None,
-    }
-}
-
 /// Ends the process: with `code`, or by signal N for a code -N (a shell then sees that the
 /// job was interrupted; bash stops a loop on a child that died of SIGINT).
 fn exit_now(code: i32) -> ! {
@@ -174,7 +127,7 @@ fn exit_now(code: i32) -> ! {
                 libc::setrlimit(libc::RLIMIT_CORE, &lim);
             }
             libc::signal(sig, libc::SIG_DFL);
-            let set = sigset(&[sig]);
+            let set = signals::sigset(&[sig]);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
             libc::kill(libc::getpid(), sig);
         }

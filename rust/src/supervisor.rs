@@ -287,15 +287,62 @@ pub struct Supervisor {
 const WAKER: Token = Token(usize::MAX);
 const OUT_WRITABLE: Token = Token(usize::MAX - 1);
 const ERR_WRITABLE: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A job whose ranks run and whose loop is ready, not yet running (`Supervisor::begin`).
+struct Begun {
+    handle: Supervisor,
+    lp: Loop,
+    /// Kills the ranks if the loop never gets to run (a thread that cannot start).
+    abort: AbortOnError,
 }
 
 impl Supervisor {
     /// Starts every rank (in the calling thread) and the loop thread. On a spawn failure the
     /// ranks already started are killed and reaped before the error is returned.
     pub fn start(cfg: Config) -> CoreResult<Supervisor> {
+        let Begun {
+            handle,
+            mut lp,
+            mut abort,
+        } = Self::begin(cfg)?;
+        let thread = std::thread::Builder::new()
+            .name("dslaunch-supervisor".into())
+            .spawn(move || lp.run())?;
+        abort.pids.clear(); // started: the loop owns the ranks now
+        *lock(&handle.inner.thread) = Some(thread);
+        Ok(handle)
+    }
+
+    /// Runs the job on the calling thread, without a loop thread, and returns its final state.
+    /// `signals` (a non-blocking signalfd, or any such fd that yields `signalfd_siginfo` records) is read by the
+    /// loop itself: each signal acts as `send(Command::Signal(sig))`. `started` gets the handle
+    /// before the loop runs (to queue a message). The native host runs jobs this way: a signal
+    /// reaches the ranks and the job's end reaches the report without a hand-off between threads.
+    pub fn run_here(cfg: Config, signals: Option<OwnedFd>, started: impl FnOnce(&Supervisor)) -> CoreResult<JobState> {
+        let Begun {
+            handle,
+            mut lp,
+            mut abort,
+        } = Self::begin(cfg)?;
+        if let Some(fd) = signals {
+            lp.poll
+                .registry()
+                .register(&mut SourceFd(&fd.as_raw_fd()), SIGNALS, Interest::READABLE)?;
+            lp.signals = Some(fd);
+        }
+        abort.pids.clear(); // the loop below owns the ranks now
+        started(&handle);
+        lp.run();
+        Ok(handle.state())
+    }
+
+    /// Everything of `start` but the loop thread.
+    fn begin(cfg: Config) -> CoreResult<Begun> {
         if cfg.run_id.is_empty() {
             return Err(CoreError::InvalidArgument("run_id must not be empty".into()));
         }
@@ -380,7 +427,7 @@ impl Supervisor {
         // FIX (tests/test_core_scale.py::test_running_out_of_fds_fails_cleanly): every rank is
         // running now; if anything below fails (EMFILE on a pipe, a thread that cannot start), the
         // `?` returned with the ranks left running untracked. The guard kills them on that path.
-        let mut abort = AbortOnError {
+        let abort = AbortOnError {
             pids: ranks.iter().map(|r| r.pid).collect(),
             marker: marker.clone().into_bytes(),
         };
@@ -412,7 +459,7 @@ impl Supervisor {
         });
         let pids = ranks.iter().map(|r| r.pid).collect();
 
-        let mut lp = Loop::new(
+        let lp = Loop::new(
             poll,
             shared.clone(),
             &cfg,
@@ -425,20 +472,17 @@ impl Supervisor {
             copies,
             guard,
         )?;
-        let thread = std::thread::Builder::new()
-            .name("dslaunch-supervisor".into())
-            .spawn(move || lp.run())?;
-        abort.pids.clear(); // started: the loop owns the ranks now
-        Ok(Supervisor {
+        let handle = Supervisor {
             inner: Arc::new(Inner {
                 shared,
                 waker,
-                thread: Mutex::new(Some(thread)),
+                thread: Mutex::new(None),
                 run_id: cfg.run_id,
                 pids,
                 owner_pid: std::process::id(),
             }),
-        })
+        };
+        Ok(Begun { handle, lp, abort })
     }
 
     /// The job's id (`DSLAUNCH_RUN_ID` in every rank).
@@ -754,6 +798,8 @@ struct Loop {
     unsignalled_sig: i32,
     /// The ranks were sent SIGTSTP (Ctrl-Z) and no SIGCONT since: a teardown must wake them.
     ranks_paused: bool,
+    /// The signals to act on, read here (`Supervisor::run_here`).
+    signals: Option<OwnedFd>,
 }
 
 impl Loop {
@@ -847,6 +893,7 @@ impl Loop {
             unsignalled: Vec::new(),
             unsignalled_sig: 0,
             ranks_paused: false,
+            signals: None,
         })
     }
 
@@ -921,6 +968,15 @@ impl Loop {
             WAKER => {
                 self.run_commands();
                 self.print_messages();
+            }
+            SIGNALS => {
+                let got = self
+                    .signals
+                    .as_ref()
+                    .map(|fd| signals::read_all(fd.as_fd()))
+                    .unwrap_or_default();
+                lock(&self.shared.commands).extend(got.into_iter().map(Command::Signal));
+                self.run_commands();
             }
             OUT_WRITABLE | ERR_WRITABLE => {}
             Token(t) if t < 2 * n => {

@@ -1,5 +1,6 @@
 //! Real processes through the public Rust API: spawning and reaping, `kill_tree` on a tree with a
-//! setsid grandchild, a supervised job writing prefixed lines to a file, and fail-fast teardown.
+//! setsid grandchild, a supervised job writing prefixed lines to a file, fail-fast teardown, and a
+//! job run on the calling thread (`run_here`) that its own signalfd ends.
 //! Every test tags what it starts with its own `DSLAUNCH_RUN_ID` and ends by checking that
 //! nothing carrying it is still alive. No Python is involved.
 
@@ -387,5 +388,55 @@ fn spawn_batch_stops_at_the_first_failure_and_hands_over_what_started() {
         _core::signals::killpg(s.pid, libc::SIGKILL);
         reap::reap_blocking(&s.pidfd).unwrap();
     }
+    assert_nothing_left(&id);
+}
+
+#[test]
+fn run_here_runs_the_job_on_the_calling_thread_and_acts_on_its_signals() {
+    let _serial = serial();
+    let id = unique_id("runhere");
+    let devnull = null_fd();
+    let ranks = (0..2)
+        .map(|i| RankConfig {
+            argv: sh("sleep 60 & wait"), // a grandchild too: the teardown takes both
+            tag: i.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    let cfg = Config {
+        ranks,
+        run_id: id.clone(),
+        stdout_fd: devnull.as_raw_fd(),
+        stderr_fd: devnull.as_raw_fd(),
+        ..Default::default()
+    };
+    // SIGTERM blocked in this thread only; another thread directs one at this thread once the
+    // ranks run. A signalfd reads the signals pending for the thread that reads it (and for the
+    // process), so the job ends by it only if the loop runs on this thread.
+    let fd = _core::signals::signal_fd(&[libc::SIGTERM]).expect("signalfd");
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() } as usize;
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let sender = std::thread::spawn(move || {
+        let n = rx.recv().expect("the started callback");
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: `me` is the test thread, blocked in run_here until this signal ends the job.
+        unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGTERM) };
+        n
+    });
+    let t0 = Instant::now();
+    let st = Supervisor::run_here(cfg, Some(fd), |sup| tx.send(sup.pids().len()).unwrap()).expect("run_here");
+    assert_eq!(sender.join().unwrap(), 2, "the callback had the started job's handle");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the SIGTERM did not end the job"
+    );
+    assert!(st.done && st.ended_at.is_some());
+    assert_eq!(st.interrupted_by, Some(libc::SIGTERM));
+    assert_eq!(st.exit_code(), 128 + libc::SIGTERM);
+    assert!(st
+        .ranks
+        .iter()
+        .all(|r| r.status == Some(ExitStatus::Signal(libc::SIGTERM))));
     assert_nothing_left(&id);
 }

@@ -319,10 +319,11 @@ impl Supervisor {
     }
 
     /// Runs the job on the calling thread, without a loop thread, and returns its final state.
-    /// `signals` (a non-blocking signalfd, or any such fd that yields `signalfd_siginfo` records) is read by the
-    /// loop itself: each signal acts as `send(Command::Signal(sig))`. `started` gets the handle
-    /// before the loop runs (to queue a message). The native host runs jobs this way: a signal
-    /// reaches the ranks and the job's end reaches the report without a hand-off between threads.
+    /// `signals` (a non-blocking signalfd, or any non-blocking fd that yields `signalfd_siginfo`
+    /// records) is read by the loop itself: each signal acts as `send(Command::Signal(sig))`.
+    /// `started` gets the handle before the loop runs (to queue a message). The native host runs
+    /// jobs this way: a signal reaches the ranks, and the job's end the report, without a
+    /// hand-off between threads.
     pub fn run_here(cfg: Config, signals: Option<OwnedFd>, started: impl FnOnce(&Supervisor)) -> CoreResult<JobState> {
         let Begun {
             handle,

@@ -30,7 +30,7 @@ pub fn run(plan: HostPlan) -> ! {
         Ok(fd) => fd,
         Err(e) => fail(&finish, &format!("cannot take signals: {e}")),
     };
-    // One thread: the loop reads the signals itself and returns when the job is over.
+    // No loop thread: the loop runs here, reads the signals itself and returns when the job is over.
     let started = |sup: &Supervisor| {
         if let Some(text) = &finish.start_message {
             sup.message(true, text.as_bytes());
